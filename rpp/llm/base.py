@@ -1,0 +1,178 @@
+"""The ranking interface every backend implements, and the records it returns.
+
+A ``RankRequest`` is a prompt (chat messages) plus the candidate titles in presented order. A ``Ranking`` is the
+order over those candidates (indices, best first) with per-candidate scores where the backend knows them, the
+share of candidates the model's answer actually covered, usage, and whether it came from the cache or failed.
+A failed request is never dropped: it comes back in presented order with ``failed=True`` and is counted.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Sequence
+
+
+Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
+
+
+class LLMError(RuntimeError):
+    """Base class of the errors raised by the LLM layer."""
+
+
+class RateLimitError(LLMError):
+    pass
+
+
+class LLMTimeoutError(LLMError):
+    pass
+
+
+class ServerError(LLMError):
+    pass
+
+
+class ScoreModeUnsupported(LLMError):
+    """The backend cannot give prompt log-probabilities (or gives them wrong); use generate mode."""
+
+
+@dataclass(frozen=True)
+class RankRequest:
+    messages: tuple
+    """Chat messages as a tuple of {"role", "content"} dicts; the last one is the user's turn."""
+    candidates: tuple
+    """Candidate titles in presented order."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "messages", tuple(dict(m) for m in self.messages))
+        object.__setattr__(self, "candidates", tuple(str(c) for c in self.candidates))
+        if not self.candidates:
+            raise ValueError("a RankRequest needs at least one candidate")
+
+
+@dataclass
+class Usage:
+    calls: int = 0
+    """Requests answered by a model (cache hits excluded)."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cache_hits: int = 0
+    failures: int = 0
+    retries: int = 0
+    wall_s: float = 0.0
+
+    def add(self, other: "Usage") -> None:
+        for name in ("calls", "prompt_tokens", "completion_tokens", "cache_hits", "failures", "retries", "wall_s"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return (f"{self.calls} LLM calls, {self.cache_hits} cache hits, {self.failures} failures, "
+                f"{self.retries} retries, {self.prompt_tokens} prompt + {self.completion_tokens} completion tokens, "
+                f"{self.wall_s:.1f} s")
+
+
+@dataclass
+class Ranking:
+    order: list
+    """Candidate indices, best first; always a permutation of range(len(candidates))."""
+    scores: Optional[list] = None
+    """Per-candidate score in PRESENTED order (higher = better), where the backend knows them."""
+    coverage: float = 1.0
+    """Share of candidates placed by the model itself (generate mode); the rest were appended in presented order."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    wall_s: float = 0.0
+    cached: bool = False
+    failed: bool = False
+    error: Optional[str] = None
+    raw: Optional[str] = None
+    """The model's text answer (generate mode)."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Ranking":
+        return cls(**d)
+
+    @classmethod
+    def presented_order(cls, n: int, error: str) -> "Ranking":
+        """The fallback for a request that failed after its retries: presented order, counted as a failure."""
+        return cls(order=list(range(n)), scores=None, coverage=0.0, failed=True, error=error)
+
+
+class UsageTracker:
+    """Thread-safe running totals, one per ranker (and per refiner)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.total = Usage()
+        self.batches = 0
+        """Calls to rank()/generate() (a batch of N requests counts once)."""
+
+    def record(self, rankings: Sequence[Ranking] = (), *, retries: int = 0, wall_s: float = 0.0) -> None:
+        with self._lock:
+            self.batches += 1
+            self.total.retries += retries
+            self.total.wall_s += wall_s
+            for r in rankings:
+                if r.cached:
+                    self.total.cache_hits += 1
+                    continue
+                self.total.calls += 1
+                self.total.failures += int(r.failed)
+                self.total.prompt_tokens += r.prompt_tokens
+                self.total.completion_tokens += r.completion_tokens
+
+    def snapshot(self) -> Usage:
+        with self._lock:
+            return Usage(**self.total.to_dict())
+
+
+class Ranker(ABC):
+    """Ranks candidates for a batch of prompts. Implementations must return one Ranking per request, in order,
+    and never raise for a single bad answer or a single failed call (those become counted failures)."""
+
+    identity: str = "ranker"
+    """Everything about the model that changes its answers (backend, model, weights hash, dtype, mode, ...);
+    part of every cache key."""
+
+    def __init__(self) -> None:
+        self.usage = UsageTracker()
+
+    @abstractmethod
+    def rank(self, requests: Sequence[RankRequest]) -> list[Ranking]:
+        ...
+
+    def close(self) -> None:  # pragma: no cover - default no-op
+        pass
+
+
+class TextGenerator(ABC):
+    """Writes one completion per chat prompt (used by the RPP+ refiner). Failures return None, counted."""
+
+    identity: str = "generator"
+
+    def __init__(self) -> None:
+        self.usage = UsageTracker()
+
+    @abstractmethod
+    def generate(self, prompts: Sequence[tuple], max_new_tokens: int) -> list[Optional[str]]:
+        ...
+
+
+def timed() -> "_Timer":
+    return _Timer()
+
+
+@dataclass
+class _Timer:
+    start: float = field(default_factory=time.perf_counter)
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
