@@ -99,7 +99,8 @@ def split_users(dataset: Dataset, cfg: DataConfig, seed: int) -> Split:
     order = np.random.default_rng([int(seed), 0x5EED]).permutation(len(eligible))
     chosen = [eligible[i] for i in order[:wanted]]
 
-    item_ids = dataset.items["item"].to_numpy()
+    # Sorted so that a user's negatives do not depend on the row order of the items file.
+    item_ids = np.sort(dataset.items["item"].to_numpy())
     popularity = None
     last_rows = inter.groupby("user", sort=False).tail(1)["_row"]
     train_inter = inter[~inter["_row"].isin(set(last_rows.tolist()))].drop(columns="_row")

@@ -16,6 +16,12 @@ from typing import Optional, Sequence
 
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 
+CANDIDATES_PLACEHOLDER = "{candidate_list}"
+"""A prompt may contain this literal marker where the numbered candidate list goes. Rankers replace it with the
+list in the order they PRESENT the candidates, which is what lets bootstrapping (cfg.llm.bootstrap) shuffle the
+list shown to the model. A prompt that spells the list out itself is used as is (and bootstrapping then only
+reorders the candidates for scoring, which does not fight a position bias in the shown list)."""
+
 
 class LLMError(RuntimeError):
     """Base class of the errors raised by the LLM layer."""
@@ -91,6 +97,8 @@ class Ranking:
     error: Optional[str] = None
     raw: Optional[str] = None
     """The model's text answer (generate mode)."""
+    retries: int = 0
+    """Retried attempts spent on this request (network backends); summed into Usage.retries."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -115,6 +123,7 @@ class UsageTracker:
         """Calls to rank()/generate() (a batch of N requests counts once)."""
 
     def record(self, rankings: Sequence[Ranking] = (), *, retries: int = 0, wall_s: float = 0.0) -> None:
+        """Count one rank() call: its rankings (cache hits apart), the retries they carry plus `retries`."""
         with self._lock:
             self.batches += 1
             self.total.retries += retries
@@ -125,8 +134,22 @@ class UsageTracker:
                     continue
                 self.total.calls += 1
                 self.total.failures += int(r.failed)
+                self.total.retries += r.retries
                 self.total.prompt_tokens += r.prompt_tokens
                 self.total.completion_tokens += r.completion_tokens
+
+    def record_calls(self, *, calls: int, failures: int = 0, prompt_tokens: int = 0, completion_tokens: int = 0,
+                     retries: int = 0, cache_hits: int = 0, wall_s: float = 0.0) -> None:
+        """Count one generate() call of a TextGenerator (no Ranking objects there)."""
+        with self._lock:
+            self.batches += 1
+            self.total.calls += calls
+            self.total.failures += failures
+            self.total.prompt_tokens += prompt_tokens
+            self.total.completion_tokens += completion_tokens
+            self.total.retries += retries
+            self.total.cache_hits += cache_hits
+            self.total.wall_s += wall_s
 
     def snapshot(self) -> Usage:
         with self._lock:
@@ -163,6 +186,21 @@ class TextGenerator(ABC):
     @abstractmethod
     def generate(self, prompts: Sequence[tuple], max_new_tokens: int) -> list[Optional[str]]:
         ...
+
+
+def format_candidate_list(candidates: Sequence[str]) -> str:
+    """The numbered list shown to the model: "1. title" per line (the parser maps "1" back to the first)."""
+    return "\n".join(f"{i}. {title}" for i, title in enumerate(candidates, start=1))
+
+
+def render_candidates(request: RankRequest) -> RankRequest:
+    """Replace CANDIDATES_PLACEHOLDER in the messages by the numbered list of the request's candidates."""
+    if not any(CANDIDATES_PLACEHOLDER in str(m.get("content", "")) for m in request.messages):
+        return request
+    listing = format_candidate_list(request.candidates)
+    messages = tuple({**m, "content": str(m.get("content", "")).replace(CANDIDATES_PLACEHOLDER, listing)}
+                     for m in request.messages)
+    return RankRequest(messages=messages, candidates=request.candidates)
 
 
 def timed() -> "_Timer":

@@ -1,0 +1,188 @@
+"""The four prompt agents (role, history, reasoning, format) as ONE stable-baselines3 actor-critic policy.
+
+Observation (from rpp.envs): a (1 + K, D) float32 array; row 0 is the state embedding (BERT encoding of the
+current prompt state), rows 1..K the embeddings of the candidates in the order of the LLM's last ranking.
+Action: MultiDiscrete([n_role, n_history, n_reasoning, n_format]), one sentence id per agent.
+
+Design (centralized training, decentralized execution, as in RPP):
+
+- Each agent is its own network: a GRU that reads the ranking (rows 1..K) starting from a hidden state computed
+  from the state embedding (row 0), an MLP on [state; final GRU state], and a linear actor head giving the
+  logits of a categorical over that agent's action set. No actor parameter is shared between agents, so an agent
+  can be executed (and inspected) on its own: changing one agent's parameters changes only its own logits.
+- The critic is centralized: one value function V(s) of the joint state (its own GRU + MLP over the whole
+  observation), used only during training. All four agents receive the same per-user reward (one NDCG for the
+  prompt they wrote together), so one team critic is the natural baseline for all four advantages.
+- SB3 glue: ``mlp_extractor`` returns latent_pi = the concatenation of the four agents' latents (4 * h) and
+  latent_vf = the critic's latent; ``action_net`` splits latent_pi back into the four chunks, applies each
+  agent's head to its own chunk and concatenates the logits, which SB3's MultiCategoricalDistribution splits by
+  nvec. The joint log-probability is the sum of the per-agent log-probabilities, so PPO's ratio is the product
+  of the four agents' ratios (joint clipping) and the entropy bonus is the sum of the four entropies.
+  Rollouts, advantages, clipping, optimisation, logging and save/load are SB3's.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.torch_layers import FlattenExtractor
+from torch import nn
+
+PATTERNS = ("role", "history", "reasoning", "format")
+"""Agent names in action-vector order (the same order as rpp.prompts.PATTERNS)."""
+
+
+class PolicySpaceError(ValueError):
+    """The environment's spaces are not the ones the four-agent policy is built for."""
+
+
+def check_spaces(observation_space: spaces.Space, action_space: spaces.Space) -> tuple[int, int, list[int]]:
+    """Validate the spaces; return (K candidates, embedding dim D, nvec)."""
+    if not isinstance(observation_space, spaces.Box) or len(observation_space.shape) != 2:
+        raise PolicySpaceError(
+            f"the four-agent policy needs a Box observation of shape (1 + K, D) (state row + K ranked candidate "
+            f"rows); got {observation_space}")
+    rows, dim = observation_space.shape
+    if rows < 2:
+        raise PolicySpaceError(f"observation has {rows} row(s); need the state row plus at least one candidate row")
+    if not isinstance(action_space, spaces.MultiDiscrete) or action_space.nvec.ndim != 1 \
+            or len(action_space.nvec) != len(PATTERNS):
+        raise PolicySpaceError(
+            f"the four-agent policy needs MultiDiscrete([n_role, n_history, n_reasoning, n_format]); got {action_space}")
+    nvec = [int(n) for n in action_space.nvec]
+    if min(nvec) < 1:
+        raise PolicySpaceError(f"every agent needs at least one action; got sizes {nvec}")
+    return rows - 1, dim, nvec
+
+
+class RankingEncoder(nn.Module):
+    """State embedding + GRU over the ranked candidate embeddings -> a latent of width `hidden`.
+
+    The GRU's initial hidden state is a projection of the state embedding, so the ranking is read in the context
+    of the prompt state; the output combines both. Inputs are (B, D) and (B, K, D), batch first (no reshape ever
+    mixes candidates of different users)."""
+
+    def __init__(self, embed_dim: int, hidden: int):
+        super().__init__()
+        self.state_proj = nn.Linear(embed_dim, hidden)
+        self.gru = nn.GRU(embed_dim, hidden, batch_first=True)
+        self.out = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.Tanh())
+
+    def forward(self, state: th.Tensor, ranking: th.Tensor) -> th.Tensor:
+        h0 = th.tanh(self.state_proj(state))
+        _, h_last = self.gru(ranking, h0.unsqueeze(0).contiguous())
+        return self.out(th.cat([h0, h_last[0]], dim=-1))
+
+
+class FourAgentExtractor(nn.Module):
+    """SB3 ``mlp_extractor``: per-agent actor latents (concatenated) and the centralized critic latent."""
+
+    def __init__(self, n_candidates: int, embed_dim: int, hidden: int, n_agents: int = len(PATTERNS)):
+        super().__init__()
+        self.n_rows, self.embed_dim = 1 + n_candidates, embed_dim
+        self.agents = nn.ModuleList([RankingEncoder(embed_dim, hidden) for _ in range(n_agents)])
+        self.critic = RankingEncoder(embed_dim, hidden)
+        self.latent_dim_pi = n_agents * hidden
+        self.latent_dim_vf = hidden
+
+    def _split(self, features: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
+        obs = features.reshape(features.shape[0], self.n_rows, self.embed_dim)
+        return obs[:, 0], obs[:, 1:]
+
+    def forward(self, features: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
+        return self.forward_actor(features), self.forward_critic(features)
+
+    def forward_actor(self, features: th.Tensor) -> th.Tensor:
+        state, ranking = self._split(features)
+        return th.cat([agent(state, ranking) for agent in self.agents], dim=-1)
+
+    def forward_critic(self, features: th.Tensor) -> th.Tensor:
+        state, ranking = self._split(features)
+        return self.critic(state, ranking)
+
+
+class PerAgentHeads(nn.Module):
+    """SB3 ``action_net``: agent i's Linear head reads only chunk i of latent_pi; logits are concatenated in
+    PATTERNS order (MultiCategoricalDistribution splits them by nvec)."""
+
+    def __init__(self, hidden: int, nvec: list[int]):
+        super().__init__()
+        self.hidden = hidden
+        self.heads = nn.ModuleList([nn.Linear(hidden, n) for n in nvec])
+
+    def forward(self, latent_pi: th.Tensor) -> th.Tensor:
+        chunks = th.split(latent_pi, self.hidden, dim=-1)
+        return th.cat([head(chunk) for head, chunk in zip(self.heads, chunks, strict=True)], dim=-1)
+
+
+class FourAgentPolicy(ActorCriticPolicy):
+    """Four separately parameterized actors (one GRU encoder + head each) and one centralized critic.
+
+    Extra keyword: ``hidden_size`` (width of each agent's GRU and MLP, and of the critic), from
+    cfg.train.hidden_size. ``net_arch`` is not used: the architecture is the one described in the module doc.
+    """
+
+    def __init__(self, observation_space: spaces.Space, action_space: spaces.Space, lr_schedule,
+                 hidden_size: int = 64, **kwargs: Any):
+        self.n_candidates, self.embed_dim, self.nvec = check_spaces(observation_space, action_space)
+        self.hidden_size = int(hidden_size)
+        kwargs.setdefault("features_extractor_class", FlattenExtractor)  # parameter-free; we reshape back to rows
+        super().__init__(observation_space, action_space, lr_schedule, **kwargs)
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        data = super()._get_constructor_parameters()
+        data.update(hidden_size=self.hidden_size)
+        return data
+
+    def _build(self, lr_schedule) -> None:
+        # Mirrors ActorCriticPolicy._build with our extractor and per-agent heads (built before the optimizer,
+        # so the optimizer owns exactly these parameters).
+        self.mlp_extractor = FourAgentExtractor(self.n_candidates, self.embed_dim, self.hidden_size)
+        self.action_net = PerAgentHeads(self.hidden_size, self.nvec)
+        self.value_net = nn.Linear(self.mlp_extractor.latent_dim_vf, 1)
+        if self.ortho_init:  # SB3's gains: sqrt(2) hidden layers, 0.01 policy output, 1 value output
+            for module, gain in ((self.mlp_extractor, np.sqrt(2)), (self.action_net, 0.01), (self.value_net, 1.0)):
+                module.apply(partial(self.init_weights, gain=gain))
+        self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
+
+    # ----- per-agent views (logging, tests, serving) -----
+
+    def agent_logits(self, obs: th.Tensor | np.ndarray) -> list[th.Tensor]:
+        """Logits of each agent's categorical, in PATTERNS order; obs (B, 1+K, D) or (1+K, D)."""
+        obs_t = self._as_tensor(obs)
+        features = self.extract_features(obs_t, self.pi_features_extractor)
+        logits = self.action_net(self.mlp_extractor.forward_actor(features))
+        return list(th.split(logits, self.nvec, dim=-1))
+
+    def agent_probs(self, obs: th.Tensor | np.ndarray) -> list[np.ndarray]:
+        """Each agent's action probabilities, (B, n_i) numpy arrays, without gradients."""
+        with th.no_grad():
+            return [th.softmax(lg, dim=-1).cpu().numpy() for lg in self.agent_logits(obs)]
+
+    def _as_tensor(self, obs: th.Tensor | np.ndarray) -> th.Tensor:
+        obs_t = th.as_tensor(obs, dtype=th.float32, device=self.device)
+        if obs_t.ndim == 2:
+            obs_t = obs_t.unsqueeze(0)
+        return obs_t
+
+
+def distribution_stats(probs: list[np.ndarray]) -> dict[str, dict[str, Any]]:
+    """Per-agent summary of a batch of action distributions: mean entropy (nats), mean probability of the most
+    likely action, the mean distribution over the batch, and how often each action is the argmax."""
+    out = {}
+    for name, p in zip(PATTERNS, probs, strict=True):
+        p = np.clip(p, 1e-12, 1.0)
+        entropy = -(p * np.log(p)).sum(axis=1)
+        argmax = p.argmax(axis=1)
+        out[name] = {
+            "entropy": float(entropy.mean()),
+            "max_entropy": float(np.log(p.shape[1])),
+            "p_argmax": float(p.max(axis=1).mean()),
+            "mean_probs": [float(x) for x in p.mean(axis=0)],
+            "argmax_share": [float(x) for x in np.bincount(argmax, minlength=p.shape[1]) / len(argmax)],
+        }
+    return out

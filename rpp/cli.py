@@ -1,0 +1,237 @@
+"""The `rpp` command. Thin: it parses arguments and calls library functions; it has no logic of its own.
+
+    rpp data stats     [--config FILE] [--set k=v ...]
+    rpp assets fetch   [--force]        | rpp assets status
+    rpp actions show   [FILE]           | rpp actions validate FILE
+    rpp cache stats    [--config FILE]  | rpp cache clear [--config FILE]
+    rpp train          --config FILE [--set k=v ...] [--resume RUN_DIR] [--no-cache]
+    rpp evaluate       --run RUN_DIR [--split test] [--steps T] [--users N] [--no-cache]
+    rpp benchmark      --config FILE [--set k=v ...] [--no-cache]
+    rpp demo           [--config FILE] [--set k=v ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _config(args) -> "Config":  # noqa: F821
+    from rpp.config import load_config
+
+    overrides = list(getattr(args, "set", None) or [])
+    if getattr(args, "no_cache", False):
+        overrides.append("llm.cache=false")
+    return load_config(getattr(args, "config", None), overrides)
+
+
+def cmd_data_stats(args) -> int:
+    from rpp.data import dataset_stats, load_dataset, split_users
+
+    cfg = _config(args)
+    dataset = load_dataset(cfg.data)
+    split = split_users(dataset, cfg.data, cfg.seed)
+    stats = dataset_stats(dataset, split)
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    ipu = stats["interactions_per_user"]
+    print(f"dataset            {stats['dataset']}")
+    print(f"users              {stats['users']:,}")
+    print(f"items              {stats['items']:,}")
+    print(f"interactions       {stats['interactions']:,}")
+    print(f"per user           min {ipu['min']:.0f} | p25 {ipu['p25']:.0f} | median {ipu['median']:.0f} | "
+          f"p75 {ipu['p75']:.0f} | max {ipu['max']:.0f}")
+    print(f"eligible users     {stats['eligible_users']:,} (history >= {cfg.data.min_history}; "
+          f"{stats['dropped_users']} dropped)")
+    s = stats["split"]
+    print(f"split (seed {cfg.seed})   train {s['train']} | val {s['val']} | test {s['test']} (disjoint users)")
+    print(f"candidates         {cfg.data.n_candidates} per user (target + {cfg.data.n_candidates - 1} "
+          f"{cfg.data.negatives} negatives, target at a seeded random slot)")
+    tp = stats["target_popularity_rank"]
+    print(f"target popularity  median rank {tp['median']:.0f} of {stats['items']}; "
+          f"{100 * tp['share_in_top_100']:.1f}% of targets are top-100 items")
+    return 0
+
+
+def cmd_assets_fetch(args) -> int:
+    from rpp import assets
+
+    for name in assets.ASSETS:
+        folder = assets.fetch(name, force=args.force)
+        print(f"{name:24s} ok  ({folder})")
+    return 0
+
+
+def cmd_assets_status(args) -> int:
+    from rpp import assets
+
+    for row in assets.status():
+        state = "verified" if row["verified"] else "missing"
+        print(f"{row['asset']:24s} {row['package']:26s} {state:9s} {row['folder']}")
+        print(f"{'':24s} licence: {row['licence']}")
+    return 0
+
+
+def cmd_actions_show(args) -> int:
+    from rpp.prompts import format_action_set, load_action_set
+
+    print(format_action_set(load_action_set(args.file)))
+    return 0
+
+
+def cmd_actions_validate(args) -> int:
+    from rpp.prompts import PATTERNS, load_action_set
+
+    action_set = load_action_set(args.file)
+    sizes = ", ".join(f"{p}: {n}" for p, n in zip(PATTERNS, action_set.sizes()))
+    print(f"{args.file}: valid ({sizes})")
+    return 0
+
+
+def _response_cache(args):
+    from rpp.config import cache_root
+    from rpp.llm.cache import ResponseCache
+
+    cfg = _config(args)
+    return ResponseCache(Path(cfg.llm.cache_path) if cfg.llm.cache_path else cache_root() / "responses.sqlite")
+
+
+def cmd_cache_stats(args) -> int:
+    print(json.dumps(_response_cache(args).stats(), indent=2))
+    return 0
+
+
+def cmd_cache_clear(args) -> int:
+    cache = _response_cache(args)
+    cache.clear()
+    print("response cache cleared")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from rpp.agents import train
+
+    if args.resume and not args.config:
+        run_dir = train(None, resume=args.resume)
+    else:
+        run_dir = train(_config(args), resume=args.resume)
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from rpp.agents import evaluate
+
+    overrides = ["llm.cache=false"] if args.no_cache else None
+    result = evaluate(args.run, split=args.split, steps=args.steps, n_users=args.users, cfg_overrides=overrides)
+    print(result.table())
+    return 0
+
+
+def cmd_benchmark(args) -> int:
+    from rpp.benchmark import run_benchmark
+
+    report_dir = run_benchmark(_config(args))
+    print(f"report: {report_dir / 'report.md'}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from rpp.demo import run_demo
+
+    run_demo(_config(args))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rpp", description="Reinforced Prompt Personalization for LLM recommenders")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p, required=False):
+        p.add_argument("--config", required=required, help="YAML config (default: built-in defaults)")
+        p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config key")
+        return p
+
+    data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
+    p = with_config(data.add_parser("stats", help="dataset and split statistics"))
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_data_stats)
+
+    assets = sub.add_parser("assets", help="embedded assets").add_subparsers(dest="assets_command", required=True)
+    p = assets.add_parser("fetch", help="fetch and verify the pinned assets into $RPP_CACHE")
+    p.add_argument("--force", action="store_true", help="fetch again even when the cache verifies")
+    p.set_defaults(func=cmd_assets_fetch)
+    assets.add_parser("status", help="which assets are cached and verified").set_defaults(func=cmd_assets_status)
+
+    actions = sub.add_parser("actions", help="action sets").add_subparsers(dest="actions_command", required=True)
+    p = actions.add_parser("show", help="print an action set (default: the built-in one)")
+    p.add_argument("file", nargs="?")
+    p.set_defaults(func=cmd_actions_show)
+    p = actions.add_parser("validate", help="validate an action-set YAML file")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_actions_validate)
+
+    cache = sub.add_parser("cache", help="LLM response cache").add_subparsers(dest="cache_command", required=True)
+    with_config(cache.add_parser("stats", help="entries, size, hits")).set_defaults(func=cmd_cache_stats)
+    with_config(cache.add_parser("clear", help="delete every cached response")).set_defaults(func=cmd_cache_clear)
+
+    p = with_config(sub.add_parser("train", help="train the four agents"))
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    p.add_argument("--no-cache", action="store_true", help="bypass the LLM response cache")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a trained policy against the task-wise prompt")
+    p.add_argument("--run", required=True, metavar="RUN_DIR")
+    p.add_argument("--split", choices=["train", "val", "test"], default=None)
+    p.add_argument("--steps", type=int, default=None, help="greedy steps per user (1 = one-shot)")
+    p.add_argument("--users", type=int, default=None, help="evaluate the first N users of the split")
+    p.add_argument("--no-cache", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = with_config(sub.add_parser("benchmark", help="compare methods on the same users"), required=True)
+    p.add_argument("--no-cache", action="store_true")
+    p.set_defaults(func=cmd_benchmark)
+
+    p = with_config(sub.add_parser("demo", help="fetch, train on a small budget, evaluate, print the table"))
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _known_errors() -> tuple:
+    """Errors that carry a message meant for the user: print it, no stack trace."""
+    from rpp.assets import AssetError
+    from rpp.config import ConfigError
+    from rpp.data import DataError
+
+    errors = [AssetError, ConfigError, DataError, FileNotFoundError]
+    try:
+        from rpp.prompts import ActionSetError
+
+        errors.append(ActionSetError)
+    except ImportError:  # pragma: no cover - the prompts room is optional for data-only use
+        pass
+    try:
+        from rpp.llm.base import LLMError
+
+        errors.append(LLMError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except _known_errors() as exc:
+        print(f"rpp: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rpp: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,557 @@
+"""RPP+: an LLM rewrites the sentences the agents chose, for one user, during the episode.
+
+RPP limits every pattern (role, history, reasoning, format) to a small curated set of sentences. RPP+ lets a text
+generator rewrite the chosen sentence for the user at hand, so the final prompt is no longer limited to that set.
+A rewrite is a free-form LLM answer that goes straight into the ranking prompt, so it is only used when it passes
+guards (``judge_rewrite``): it must be non-empty, short, keep every ``{placeholder}`` of the original, add no new
+ones or numbers, not name any candidate item (that would leak the answer into the prompt), and be neither a refusal
+nor an echo of the instruction or the user summary. A rejected rewrite falls back to the original sentence and is
+counted by reason, so a weak refiner model degrades to plain RPP instead of corrupting the prompt.
+
+Cost control:
+- all users x patterns of one step go to the generator in ONE ``generate`` call;
+- ``every_k_steps``: only steps 0, k, 2k, ... refine; ``refine`` returns None for the others and the core keeps
+  the last refinement;
+- raw answers are cached in SQLite (``RefinementCache``) on everything that shapes them (generator identity, the
+  rendered messages, i.e. sentence + user summary + pattern purpose + instruction, and the sampling parameters).
+  The guards run again on every use, because whether a rewrite leaks depends on the user's candidates, which are
+  (deliberately) not part of the request.
+
+The history pattern's sentence is refined like the others: its structured params (how many items, with or without
+ratings) still decide what history the builder shows; only the introducing sentence is rewritten, and the
+no-new-numbers guard stops a rewrite from contradicting the shown window ("your last 5 movies" over a list of 10).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sqlite3
+import string
+import threading
+import time
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+from rpp.config import Config, RefinerConfig, cache_root
+
+PATTERNS = ("role", "history", "reasoning", "format")
+"""Same order as rpp.prompts.actions.PATTERNS (kept here so the guards can be used without the action sets)."""
+
+PATTERN_PURPOSES: dict[str, str] = {
+    "role": "it tells the assistant which role to take when recommending {item_noun}s to this user",
+    "history": "it introduces the list of {item_noun}s this user watched before, which follows it",
+    "reasoning": "it tells the assistant how to reason about this user's taste before ranking the {item_noun}s",
+    "format": "it tells the assistant how to write down the ranked list of candidate {item_noun}s",
+}
+"""What each pattern's sentence is for, shown to the refiner so a rewrite keeps the sentence's job."""
+
+REFINER_SYSTEM = "You are a helpful assistant."
+"""SmolLM2's own default system prompt; a longer one made the 135M model echo it back."""
+
+REJECTION_REASONS = (
+    "generator_failed", "empty", "refusal", "copies_instruction", "too_long", "lost_placeholder",
+    "new_placeholder", "adds_number", "names_candidate",
+)
+"""Every reason a rewrite can be rejected for, in the order the guards check them."""
+
+INSTRUCTION_FIELDS = frozenset({"purpose", "user_summary", "sentence", "item_noun"})
+"""Placeholders a refine instruction may use; {sentence} is required."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# text normalisation and the guards
+# --------------------------------------------------------------------------------------------------------------
+
+_ARTICLE_SUFFIX = re.compile(r"^(?P<body>.+?),\s*(?P<art>the|a|an|les|la|le|l'|il|der|die|das|el)$", re.IGNORECASE)
+_PARENS = re.compile(r"\s*\([^()]*\)")
+_YEAR_PARENS = re.compile(r"\s*\((?:\d{4}|\d{4}\s*[-–]\s*\d{0,4})\)")
+_NON_WORD = re.compile(r"[^0-9a-z]+")
+
+
+def normalize(text: str) -> str:
+    """Lower case, accents folded to ASCII, '&' read as 'and', every run of punctuation/space a single space.
+    Used on both sides of every comparison, so "Shawshank Redemption!" and "shawshank-redemption" agree."""
+    folded = unicodedata.normalize("NFKD", str(text)).encode("ascii", "ignore").decode("ascii").lower()
+    folded = folded.replace("&", " and ").replace("'", "")
+    return _NON_WORD.sub(" ", folded).strip()
+
+
+def title_variants(title: str) -> set[str]:
+    """Normalised ways a text can name an item title.
+
+    MovieLens titles look like "Shawshank Redemption, The (1994)" or "City of Lost Children, The (Cité des enfants
+    perdus, La) (1995)". Variants: the full title; without the year; without any parenthesised part; with a
+    trailing ", The" moved to the front and dropped; and the main title before a ':' subtitle ("Godfather: Part
+    II" -> "godfather"). Variants shorter than 3 characters are dropped (they would match ordinary words)."""
+    raw = str(title).strip()
+    bases = {raw, _YEAR_PARENS.sub("", raw), _PARENS.sub("", raw)}
+    out: set[str] = set()
+    for base in bases:
+        base = base.strip()
+        m = _ARTICLE_SUFFIX.match(base)
+        forms = {base}
+        if m:
+            forms |= {f"{m.group('art')} {m.group('body')}", m.group("body")}
+        for form in list(forms):
+            head = re.split(r"\s*:\s+|\s+-\s+", form, maxsplit=1)[0]
+            if head != form and len(normalize(head)) >= 5:
+                forms.add(head)
+            if re.match(r"(?i)^(the|a|an)\s", form):
+                forms.add(form.split(None, 1)[1])
+        out |= {normalize(f) for f in forms}
+    return {v for v in out if len(v) >= 3}
+
+
+_COMMON_SHORT_WORDS = frozenset(
+    "the and you your for are with this that what who how why all one not any our out can get her his its big "
+    "now new day man men war boy run ran red kid kids job fan fans mad bad top few see old".split()
+)
+
+
+class CandidateMatcher:
+    """Finds candidate titles named in a text (whole-word match of any ``title_variants``).
+
+    A one-word variant that is also an everyday word ("Big", "Heat", "Kids", "Go") would reject most rewrites,
+    so those are matched case-sensitively against the raw text as a capitalised word that does not start the
+    sentence: "you will love Heat" is a leak, "Heat up the ranking" is not."""
+
+    def __init__(self, titles: Iterable[str]) -> None:
+        self.titles = tuple(str(t) for t in titles)
+        multi: list[tuple[str, str]] = []
+        self._single: list[tuple[str, re.Pattern]] = []
+        for title in self.titles:
+            for v in title_variants(title):
+                if " " in v or (len(v) >= 4 and v not in _COMMON_SHORT_WORDS and not _is_english_word(v)):
+                    multi.append((v, title))
+                else:
+                    cap = v[:1].upper() + v[1:]
+                    self._single.append((title, re.compile(rf"(?<![.!?:]\s)(?<!^)\b{re.escape(cap)}\b")))
+        multi.sort(key=lambda p: -len(p[0]))
+        self._multi = multi
+        alternation = "|".join(re.escape(v) for v, _ in multi)
+        self._multi_re = re.compile(rf"(?:^| )({alternation})(?= |$)") if multi else None
+        self._by_variant = {v: t for v, t in multi}
+
+    def find(self, text: str) -> Optional[str]:
+        """The first candidate title named in ``text``, or None."""
+        if self._multi_re is not None:
+            m = self._multi_re.search(normalize(text))
+            if m:
+                return self._by_variant[m.group(1)]
+        stripped = text.strip()
+        for title, pattern in self._single:
+            if pattern.search(stripped):
+                return title
+        return None
+
+
+# A small list of everyday words that are also one-word titles in MovieLens; matched case-sensitively (see above).
+_EVERYDAY = frozenset(
+    "heat love home life time fire dead face game golf gold blue dark last next best more most play made open rain "
+    "hard high rose star fear free girl hero jack king lost mask mind moon rock safe seven shine speed tin wild "
+    "world taste story watch films movie movies music child children crash drama comedy horror action family "
+    "friends liar money mother father brother sister roommates".split()
+)
+
+
+def _is_english_word(v: str) -> bool:
+    return v in _EVERYDAY
+
+
+_REFUSAL = re.compile(
+    r"\b(i\s*(?:am|'m)\s+(?:sorry|unable|not able)|i\s+apologi[sz]e|as an ai\b|as a language model|"
+    r"i\s+(?:cannot|can't|can not|won't|will not)\b|i\s+do(?:\s+not|n't)\s+have\s+(?:access|enough|information)|"
+    r"unfortunately,?\s+i\b|sorry,?\s+(?:but\s+)?i\b|i\s+need\s+more\s+information)",
+    re.IGNORECASE,
+)
+_LABEL_PREFIX = re.compile(
+    r"^\s*(?:(?:sure|okay|ok|certainly|of course)[,!.]?\s*)?"
+    r"(?:here(?:'s| is)\s+(?:the|a|your|my)?\s*)?"
+    r"(?:rewritten|revised|new|personali[sz]ed|refined|improved|updated|modified)?\s*"
+    r"(?:sentence|instruction|version|text|prompt|answer|output)\s*(?:\d+\s*)?[:\-–]\s*",
+    re.IGNORECASE,
+)
+_PREAMBLE_LINE = re.compile(r"^(?:sure|okay|ok|certainly|of course|here(?:'s| is)|below is)\b.*:\s*$", re.IGNORECASE)
+_QUOTES = {'"': '"', "'": "'", "“": "”", "‘": "’", "`": "`", "«": "»", "*": "*"}
+_NUMBER = re.compile(r"\d+")
+
+
+def clean_rewrite(raw: str) -> str:
+    """The sentence inside a model answer: drops a preamble line ("Sure! Here is the rewritten sentence:"), a
+    label prefix ("Rewritten sentence:"), wrapping quotes/backticks/asterisks and anything after the first blank
+    line (small models append explanations). Judging happens on the result."""
+    text = str(raw).replace("\r\n", "\n").strip()
+    lines = [ln for ln in text.split("\n")]
+    while len(lines) > 1 and (not lines[0].strip() or _PREAMBLE_LINE.match(lines[0].strip())):
+        lines.pop(0)
+    text = "\n".join(lines).strip()
+    text = re.split(r"\n\s*\n", text, maxsplit=1)[0].strip()
+    for _ in range(3):
+        before = text
+        text = _LABEL_PREFIX.sub("", text, count=1).strip()
+        if len(text) >= 2 and text[0] in _QUOTES and text.endswith(_QUOTES[text[0]]):
+            text = text[1:-1].strip()
+        elif text[:1] in _QUOTES and text.count(text[0]) == 1 and text[0] not in "'*":
+            text = text[1:].strip()  # an opening quote whose closing one was cut off by max_new_tokens
+        if text == before:
+            break
+    return " ".join(text.split())
+
+
+def placeholders(text: str) -> Optional[set[str]]:
+    """The ``{name}`` fields of a format string, or None when its braces are unbalanced (str.format would fail)."""
+    try:
+        return {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
+    except ValueError:
+        return None
+
+
+def _ngrams(tokens: Sequence[str], n: int) -> set[tuple[str, ...]]:
+    return {tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The guards' decision on one rewrite."""
+
+    text: str
+    """The sentence to use: the cleaned rewrite when accepted, else the original."""
+    accepted: bool
+    reason: Optional[str] = None
+    """None when accepted, else one of REJECTION_REASONS."""
+    cleaned: Optional[str] = None
+    """The cleaned model answer (for logs), None when the generator failed."""
+    detail: Optional[str] = None
+    """E.g. the candidate title that was named, the placeholder that was lost."""
+
+
+def judge_rewrite(raw: Optional[str], original: str, *, max_chars: int, candidates: CandidateMatcher | Iterable[str],
+                  echo_sources: Sequence[str] = (), echo_ngram: int = 5) -> Verdict:
+    """Accept a model's rewrite of ``original`` or fall back to ``original``, with the reason.
+
+    echo_sources: texts the answer must not copy (the instruction's own words and the user summary); a run of
+    ``echo_ngram`` words shared with one of them, and not present in the original sentence, is an echo."""
+    matcher = candidates if isinstance(candidates, CandidateMatcher) else CandidateMatcher(candidates)
+
+    def reject(reason: str, cleaned: Optional[str], detail: Optional[str] = None) -> Verdict:
+        return Verdict(text=original, accepted=False, reason=reason, cleaned=cleaned, detail=detail)
+
+    if raw is None:
+        return reject("generator_failed", None)
+    text = clean_rewrite(raw)
+    if not text or not normalize(text):
+        return reject("empty", text)
+    if _REFUSAL.search(text):
+        return reject("refusal", text)
+    tokens = normalize(text).split()
+    own = _ngrams(normalize(original).split(), echo_ngram)
+    for source in echo_sources:
+        shared = (_ngrams(tokens, echo_ngram) & _ngrams(normalize(source).split(), echo_ngram)) - own
+        if shared:
+            return reject("copies_instruction", text, " ".join(sorted(shared)[0]))
+    if len(text) > max_chars:
+        return reject("too_long", text, f"{len(text)} > {max_chars} chars")
+    want, got = placeholders(original) or set(), placeholders(text)
+    if got is None:
+        return reject("new_placeholder", text, "unbalanced braces")
+    if want - got:
+        return reject("lost_placeholder", text, ", ".join(sorted(want - got)))
+    if got - want:
+        return reject("new_placeholder", text, ", ".join(sorted(got - want)))
+    allowed_numbers = set(_NUMBER.findall(original))
+    new_numbers = [n for n in _NUMBER.findall(text) if n not in allowed_numbers]
+    if new_numbers:
+        return reject("adds_number", text, ", ".join(new_numbers))
+    named = matcher.find(text)
+    if named is not None:
+        return reject("names_candidate", text, named)
+    return Verdict(text=text, accepted=True, cleaned=text)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the user summary
+# --------------------------------------------------------------------------------------------------------------
+
+def _field(ctx: Any, *names: str, default: Any = ()) -> Any:
+    for name in names:
+        value = ctx.get(name) if isinstance(ctx, Mapping) else getattr(ctx, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+def _short_title(title: str) -> str:
+    """"Shawshank Redemption, The (1994)" -> "The Shawshank Redemption": shorter, and how people write it."""
+    base = _PARENS.sub("", str(title)).strip()
+    m = _ARTICLE_SUFFIX.match(base)
+    return f"{m.group('art').capitalize()} {m.group('body')}" if m else base
+
+
+def user_summary(ctx: Any, n_genres: int = 3, n_titles: int = 3) -> str:
+    """A one-line description of the user for the refiner: the most frequent genres of the history (ties by
+    name, so it is deterministic) and the most recent titles. Titles that equal a candidate's title (MovieLens
+    has distinct items with the same title) are left out, so the summary itself never names a candidate."""
+    titles = list(_field(ctx, "history_titles", "history"))
+    genres = list(_field(ctx, "history_genres", "genres"))
+    candidate_titles = list(_field(ctx, "candidate_titles", "candidates"))
+    counts: Counter = Counter()
+    for g in genres:
+        counts.update([g] if isinstance(g, str) else list(g))
+    top = [g for g, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n_genres]]
+    forbidden = {normalize(t) for t in candidate_titles}
+    recent = [t for t in reversed(titles) if normalize(t) not in forbidden][:n_titles]
+    parts = []
+    if top:
+        parts.append("likes " + ", ".join(top))
+    if recent:
+        parts.append("recently watched " + ", ".join(_short_title(t) for t in recent))
+    return "; ".join(parts) if parts else "no history yet"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the cache of raw answers
+# --------------------------------------------------------------------------------------------------------------
+
+class RefinementCache:
+    """Raw refiner answers in a small SQLite table, keyed on the full request. Failures are not cached (a later
+    run retries them). Safe across threads (one connection behind a lock) and processes (WAL, busy timeout)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(str(self.path), timeout=30.0, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS refinements (key TEXT PRIMARY KEY, identity TEXT NOT NULL, "
+                "sentence TEXT NOT NULL, output TEXT NOT NULL, created REAL NOT NULL)"
+            )
+            self._db.commit()
+        except sqlite3.DatabaseError as exc:
+            raise RuntimeError(f"refinement cache {self.path}: cannot be opened ({exc}); delete the file to reset "
+                               f"it") from None
+
+    @staticmethod
+    def key(identity: str, messages: Sequence[Mapping], max_new_tokens: int, temperature: float) -> str:
+        payload = json.dumps({"v": 1, "identity": identity, "messages": [dict(m) for m in messages],
+                              "max_new_tokens": max_new_tokens, "temperature": temperature},
+                             sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, str]:
+        if not keys:
+            return {}
+        out: dict[str, str] = {}
+        with self._lock:
+            for i in range(0, len(keys), 500):
+                chunk = list(keys[i:i + 500])
+                rows = self._db.execute(
+                    f"SELECT key, output FROM refinements WHERE key IN ({','.join('?' * len(chunk))})", chunk
+                ).fetchall()
+                out.update(dict(rows))
+        return out
+
+    def put_many(self, rows: Iterable[tuple[str, str, str, str]]) -> None:
+        """rows: (key, identity, sentence, output)."""
+        now = time.time()
+        with self._lock:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO refinements (key, identity, sentence, output, created) VALUES (?, ?, ?, ?, ?)",
+                [(k, ident, s, o, now) for k, ident, s, o in rows],
+            )
+            self._db.commit()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM refinements").fetchone()[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the refiner
+# --------------------------------------------------------------------------------------------------------------
+
+def _action_text(action: Any) -> str:
+    return action if isinstance(action, str) else str(getattr(action, "text", "") or "")
+
+
+class Refiner:
+    """Rewrites the chosen sentences of a batch of users (one ``generate`` call per refining step), guarded and
+    cached. ``refine`` is what ``StepCore`` calls; ``stats`` is what training/evaluation/benchmark report."""
+
+    def __init__(self, cfg: RefinerConfig, generator: Any, *, item_noun: str = "item",
+                 cache: Optional[RefinementCache] = None, patterns: Sequence[str] = PATTERNS) -> None:
+        fields = placeholders(cfg.instruction)
+        if fields is None:
+            raise ValueError("refiner.instruction: unbalanced braces (write a literal brace as {{ or }})")
+        unknown = fields - INSTRUCTION_FIELDS
+        if unknown:
+            raise ValueError(f"refiner.instruction: unknown placeholder(s) {sorted(unknown)}; allowed: "
+                             f"{sorted(INSTRUCTION_FIELDS)}")
+        if "sentence" not in fields:
+            raise ValueError("refiner.instruction must contain {sentence} (the sentence to rewrite)")
+        bad = set(patterns) - set(PATTERN_PURPOSES)
+        if bad:
+            raise ValueError(f"refiner patterns: unknown pattern(s) {sorted(bad)}; known: {list(PATTERNS)}")
+        self.cfg = cfg
+        self.generator = generator
+        self.item_noun = item_noun
+        self.cache = cache
+        self.patterns = tuple(patterns)
+        self.identity = str(getattr(generator, "identity", type(generator).__name__))
+        # the instruction's own words (placeholders blanked): an answer sharing a 5-word run with them is an echo
+        self._instruction_words = cfg.instruction.replace("{{", "{").replace("}}", "}")
+        for name in INSTRUCTION_FIELDS:
+            self._instruction_words = self._instruction_words.replace("{" + name + "}", " | ")
+        self._lock = threading.Lock()
+        self._stats = self._empty_stats()
+        self.last_verdicts: list[Optional[dict[str, Verdict]]] = []
+        """Per user of the last refine() call: pattern -> Verdict (None on non-refining steps); for logs."""
+
+    @staticmethod
+    def _empty_stats() -> dict:
+        return {"refine_steps": 0, "skipped_steps": 0, "calls": 0, "requests": 0, "cache_hits": 0,
+                "sentences": 0, "skipped_empty": 0, "accepted": 0, "accepted_unchanged": 0,
+                "rejected_by_reason": {r: 0 for r in REJECTION_REASONS}, "wall_s": 0.0}
+
+    def should_refine(self, step: int) -> bool:
+        """Steps 0, k, 2k, ... refine (k = every_k_steps)."""
+        return step % self.cfg.every_k_steps == 0
+
+    def messages(self, sentence: str, pattern: str, summary: str) -> tuple[dict, ...]:
+        purpose = PATTERN_PURPOSES[pattern].format(item_noun=self.item_noun)
+        content = self.cfg.instruction.format(purpose=purpose, user_summary=summary, sentence=sentence,
+                                              item_noun=self.item_noun)
+        return ({"role": "system", "content": REFINER_SYSTEM}, {"role": "user", "content": content})
+
+    def refine(self, contexts: Sequence[Any], chosen: Sequence[Mapping[str, Any]], step: int
+               ) -> list[Optional[dict[str, str]]]:
+        """Rewritten sentence per pattern for each user, or None for every user on a step that does not refine.
+
+        Each returned dict holds every pattern of ``chosen``: the accepted rewrite, or the original text (empty
+        sentences, patterns not refined, rejected rewrites). Texts keep their {placeholders}; the builder fills them.
+        """
+        if len(contexts) != len(chosen):
+            raise ValueError(f"refine: {len(contexts)} contexts but {len(chosen)} chosen-action dicts")
+        if not self.should_refine(step):
+            with self._lock:
+                self._stats["skipped_steps"] += 1
+            self.last_verdicts = [None] * len(contexts)
+            return [None] * len(contexts)
+
+        results: list[dict[str, str]] = []
+        jobs: list[tuple[int, str, str, tuple, str, CandidateMatcher]] = []  # user, pattern, sentence, msgs, summary
+        skipped = 0
+        for i, (ctx, picks) in enumerate(zip(contexts, chosen)):
+            out = {p: _action_text(a) for p, a in picks.items()}
+            results.append(out)
+            summary = user_summary(ctx)
+            matcher = CandidateMatcher(_field(ctx, "candidate_titles", "candidates"))
+            for pattern in self.patterns:
+                if pattern not in out:
+                    continue
+                sentence = out[pattern]
+                if not sentence.strip():
+                    skipped += 1  # "no role" stays empty: nothing to personalise, and a rewrite would invent one
+                    continue
+                jobs.append((i, pattern, sentence, self.messages(sentence, pattern, summary), summary, matcher))
+
+        start = time.perf_counter()
+        keys = [RefinementCache.key(self.identity, j[3], self.cfg.max_new_tokens, self.cfg.temperature) for j in jobs]
+        answers: dict[str, Optional[str]] = dict(self.cache.get_many(keys)) if self.cache is not None else {}
+        hits = sum(1 for k in keys if k in answers)
+        todo: dict[str, tuple] = {}
+        for key, job in zip(keys, jobs):
+            if key not in answers and key not in todo:
+                todo[key] = job[3]  # identical requests in one batch are asked once
+        calls = 0
+        if todo:
+            prompts = list(todo.values())
+            outputs = self.generator.generate(prompts, self.cfg.max_new_tokens)
+            calls = 1
+            if len(outputs) != len(prompts):
+                raise RuntimeError(f"refiner generator {self.identity} returned {len(outputs)} answers for "
+                                   f"{len(prompts)} prompts")
+            fresh = dict(zip(todo.keys(), outputs))
+            answers.update(fresh)
+            if self.cache is not None:
+                sentences = {k: j[2] for k, j in zip(keys, jobs)}
+                self.cache.put_many((k, self.identity, sentences[k], o) for k, o in fresh.items() if o is not None)
+        wall = time.perf_counter() - start
+
+        verdicts: list[dict[str, Verdict]] = [{} for _ in contexts]
+        for key, (i, pattern, sentence, _, summary, matcher) in zip(keys, jobs):
+            v = judge_rewrite(answers.get(key), sentence, max_chars=self.cfg.max_chars, candidates=matcher,
+                              echo_sources=(self._instruction_words, summary))
+            verdicts[i][pattern] = v
+            results[i][pattern] = v.text
+        self.last_verdicts = verdicts
+
+        with self._lock:
+            s = self._stats
+            s["refine_steps"] += 1
+            s["calls"] += calls
+            s["requests"] += len(todo)
+            s["cache_hits"] += hits
+            s["sentences"] += len(jobs)
+            s["skipped_empty"] += skipped
+            s["wall_s"] += wall
+            for (i, pattern, sentence, *_), key in zip(jobs, keys):
+                v = verdicts[i][pattern]
+                if v.accepted:
+                    s["accepted"] += 1
+                    s["accepted_unchanged"] += int(normalize(v.text) == normalize(sentence))
+                else:
+                    s["rejected_by_reason"][v.reason] += 1
+        return results
+
+    def stats(self) -> dict:
+        """Counts so far: calls (generate() batches), requests (prompts the model answered), cache_hits,
+        sentences judged, skipped_empty, accepted (accepted_unchanged: the 'rewrite' equals the original up to
+        case/punctuation), rejected and rejected_by_reason, acceptance_rate, wall_s and s_per_call/s_per_request
+        (time in the generator and cache, excluding guards)."""
+        with self._lock:
+            s = json.loads(json.dumps(self._stats))
+        s["rejected"] = sum(s["rejected_by_reason"].values())
+        s["acceptance_rate"] = s["accepted"] / s["sentences"] if s["sentences"] else None
+        s["s_per_call"] = s["wall_s"] / s["calls"] if s["calls"] else None
+        s["s_per_request"] = s["wall_s"] / s["requests"] if s["requests"] else None
+        return s
+
+    def reset_stats(self) -> None:
+        with self._lock:
+            self._stats = self._empty_stats()
+
+    def close(self) -> None:
+        if self.cache is not None:
+            self.cache.close()
+
+
+def refinement_cache_path(cfg: Config) -> Path:
+    """refinements.sqlite next to the response cache: the folder of llm.cache_path when set, else $RPP_CACHE."""
+    if cfg.llm.cache_path:
+        return Path(cfg.llm.cache_path).expanduser().parent / "refinements.sqlite"
+    return cache_root() / "refinements.sqlite"
+
+
+def make_refiner(cfg: Config, generator: Any = None) -> Optional[Refiner]:
+    """The RPP+ refiner of a config, or None when ``refiner.enabled`` is false.
+
+    generator: a TextGenerator to use instead of ``rpp.llm.make_generator(cfg.refiner)`` (tests, sharing one
+    loaded model). The cache follows ``llm.cache`` (``--no-cache`` turns both off)."""
+    if not cfg.refiner.enabled:
+        return None
+    if generator is None:
+        from rpp.llm import make_generator
+
+        generator = make_generator(cfg.refiner)
+    cache = RefinementCache(refinement_cache_path(cfg)) if cfg.llm.cache else None
+    return Refiner(cfg.refiner, generator, item_noun=cfg.data.item_noun, cache=cache)
