@@ -162,29 +162,56 @@ class EvalConfig(_Section):
 
 
 DEFAULT_REFINE_INSTRUCTION = (
-    "Rewrite the following instruction sentence so that it fits this particular user better. "
-    "The sentence's purpose: {purpose}. About the user: {user_summary}. "
-    "Keep it to one or two sentences, keep any text in curly braces unchanged, and answer with the "
-    "rewritten sentence only.\nSentence: {sentence}"
+    "Rewrite one sentence of a {item_noun} recommendation prompt so that it suits this user better.\n"
+    "What the sentence is for: {purpose}.\n"
+    "The user {user_summary}.\n"
+    "Keep its meaning and its numbers, keep speaking to the assistant as \"you\" if the sentence does, you may "
+    "mention the genres the user likes, do not name any {item_noun} title, and write one sentence only.\n\n"
+    "Example sentence: Rank the {item_noun}s by how well they fit the user's taste.\n"
+    "Example answer: Rank the {item_noun}s by how well they fit this user's love of dark thrillers.\n\n"
+    "Sentence: {sentence}\n"
+    "Answer:"
 )
+"""The default RPP+ rewrite request. Fields: {purpose} (what the pattern's sentence is for), {user_summary}
+("likes <top genres>; recently watched <titles>"), {sentence} (the chosen sentence with its placeholders filled)
+and {item_noun}. Written for SmolLM2-135M: short plain rules and one worked example, because without the example
+the model answers with the user summary or restates the instruction instead of a rewrite."""
 
 
 class RefinerConfig(_Section):
+    """RPP+ (rpp.prompts.refiner): a text generator, configured separately from the ranker, rewrites each chosen
+    non-empty sentence for the user. A rewrite is used only if it passes the guards (non-empty, at most max_chars,
+    keeps every {placeholder}, adds no numbers, names no candidate, is no refusal or echo of the instruction);
+    otherwise the original sentence is used and the rejection is counted by reason. Raw answers are cached in
+    refinements.sqlite next to the response cache (the folder of llm.cache_path, default $RPP_CACHE);
+    llm.cache: false (--no-cache) turns that cache off too."""
+
     enabled: bool = False
     """RPP+: let an LLM rewrite the chosen sentences per user during the episode."""
     backend: Literal["local", "openai"] = "local"
+    """local: greedy generation with a transformers model; openai: any OpenAI-compatible chat server."""
     model: str = "smollm2-135m-instruct"
+    """local: an embedded asset name or a model folder; openai: the server's model name."""
     base_url: Optional[str] = None
+    """openai only: e.g. http://127.0.0.1:8000/v1."""
     api_key_env: str = "OPENAI_API_KEY"
+    """openai only: the NAME of the environment variable holding the key."""
     every_k_steps: int = Field(1, ge=1)
     """Refine at steps 0, k, 2k, ... of an episode; in between the last refinement is kept."""
     instruction: str = DEFAULT_REFINE_INSTRUCTION
+    """The rewrite request; fields {purpose}, {user_summary}, {sentence} (required) and {item_noun}."""
     max_chars: int = Field(300, ge=10)
+    """A rewrite longer than this (after cleaning) is rejected as too_long."""
     max_new_tokens: int = Field(60, ge=1)
+    """Generation budget per rewrite; an answer cut off here is usually too long or unfinished anyway."""
     temperature: float = Field(0.0, ge=0)
+    """0 = greedy (reproducible, and what makes the cache exact); part of the cache key."""
     timeout_s: float = Field(60.0, gt=0)
+    """openai only: per request."""
     max_retries: int = Field(3, ge=0)
+    """openai only: retries after the first attempt; then the rewrite is a counted generator_failed."""
     concurrency: int = Field(8, ge=1)
+    """openai only: requests in flight."""
 
 
 class BenchmarkConfig(_Section):

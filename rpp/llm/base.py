@@ -203,6 +203,78 @@ def render_candidates(request: RankRequest) -> RankRequest:
     return RankRequest(messages=messages, candidates=request.candidates)
 
 
+class BootstrapRanker(Ranker):
+    """Ranks B orders of each request's candidates (the presented one, then B-1 seeded shuffles) in ONE inner
+    call and aggregates them, against the model's position bias: scores are summed per candidate where the
+    inner ranker gives scores, else Borda points (n-1 for first place, 0 for last) are summed. The shuffles
+    are seeded by (seed, messages, candidates), so the same request always gets the same orders."""
+
+    def __init__(self, inner: Ranker, bootstrap: int, seed: int = 0) -> None:
+        super().__init__()
+        if bootstrap < 1:
+            raise ValueError("bootstrap must be >= 1")
+        self.inner, self.bootstrap, self.seed = inner, int(bootstrap), int(seed)
+        self.identity = f"{inner.identity}|bootstrap={self.bootstrap}|seed={self.seed}"
+
+    def permutations(self, request: RankRequest) -> list[list[int]]:
+        import hashlib
+        import json
+        import random
+
+        n = len(request.candidates)
+        digest = hashlib.sha256(json.dumps([self.seed, list(request.messages), list(request.candidates)],
+                                           sort_keys=True).encode()).digest()
+        rng = random.Random(int.from_bytes(digest[:8], "little"))
+        perms = [list(range(n))]
+        for _ in range(self.bootstrap - 1):
+            p = list(range(n))
+            rng.shuffle(p)
+            perms.append(p)
+        return perms
+
+    def rank(self, requests: Sequence[RankRequest]) -> list[Ranking]:
+        timer = timed()
+        perms = [self.permutations(r) for r in requests]
+        expanded = [render_candidates(RankRequest(messages=r.messages,
+                                                  candidates=tuple(r.candidates[i] for i in p)))
+                    for r, ps in zip(requests, perms) for p in ps]
+        inner = self.inner.rank(expanded)
+        out = []
+        for k, (req, ps) in enumerate(zip(requests, perms)):
+            parts = inner[k * self.bootstrap:(k + 1) * self.bootstrap]
+            out.append(self._aggregate(len(req.candidates), ps, parts))
+        self.usage.record(out, wall_s=timer.elapsed)
+        return out
+
+    @staticmethod
+    def _aggregate(n: int, perms: list, parts: list) -> Ranking:
+        ok = [(p, r) for p, r in zip(perms, parts) if not r.failed]
+        retries = sum(r.retries for r in parts)
+        tokens = (sum(r.prompt_tokens for r in parts), sum(r.completion_tokens for r in parts))
+        if not ok:
+            failed = Ranking.presented_order(n, "; ".join(sorted({str(r.error) for r in parts})))
+            failed.retries, failed.prompt_tokens, failed.completion_tokens = retries, *tokens
+            return failed
+        totals = [0.0] * n
+        use_scores = all(r.scores is not None for _, r in ok)
+        for perm, r in ok:
+            if use_scores:
+                for j, s in enumerate(r.scores):
+                    totals[perm[j]] += s
+            else:
+                for pos, j in enumerate(r.order):
+                    totals[perm[j]] += n - 1 - pos
+        order = sorted(range(n), key=lambda i: (-totals[i], i))
+        return Ranking(order=order, scores=totals, coverage=sum(r.coverage for _, r in ok) / len(ok),
+                       prompt_tokens=tokens[0], completion_tokens=tokens[1],
+                       wall_s=sum(r.wall_s for r in parts), retries=retries,
+                       raw="\n---\n".join(r.raw for _, r in ok if r.raw) or None,
+                       error=None if len(ok) == len(parts) else f"{len(parts) - len(ok)} of {len(parts)} orders failed")
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 def timed() -> "_Timer":
     return _Timer()
 

@@ -179,6 +179,26 @@ def load_model(name: str, dtype: str = "auto") -> LoadedModel:
         return loaded
 
 
+def load_tokenizer(name: str):
+    """Just the tokenizer of a model (for rendering its chat template), without loading weights when possible."""
+    from transformers import AutoTokenizer
+
+    from rpp.assets import ASSETS
+    from rpp.config import cache_root
+
+    with _REGISTRY_LOCK:
+        for (loaded_name, _), loaded in _REGISTRY.items():
+            if loaded_name == str(name):
+                return loaded.tokenizer
+    if name in ASSETS:
+        for folder in sorted((cache_root() / "models").glob(f"{name}-*")):
+            if (folder / "config.json").is_file():
+                return AutoTokenizer.from_pretrained(str(folder))
+        gguf, _ = _gguf_member(name)
+        return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    return AutoTokenizer.from_pretrained(str(Path(name).expanduser()))
+
+
 def _load_folder(name: str, folder: Path, dtype: str, sha: str) -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

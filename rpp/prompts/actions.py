@@ -181,15 +181,18 @@ def _parse_entries(entries: list, pattern: str, source: str) -> list[Action]:
 
 def _check_placeholders(text: str, where: str) -> None:
     try:
-        fields = [name for _, name, _, _ in string.Formatter().parse(text) if name is not None]
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(text) if name is not None]
     except ValueError as exc:
         raise ActionSetError(f"{where}: malformed braces in text ({exc}); write {{{{ and }}}} for literal braces") \
             from None
-    for name in fields:
+    for name, spec, conv in fields:
         if name not in PLACEHOLDERS:
             shown = "{" + name + "}"
             raise ActionSetError(f"{where}: unknown placeholder {shown} in text; allowed: "
                                  + ", ".join("{" + p + "}" for p in PLACEHOLDERS))
+        if spec or conv:
+            raise ActionSetError(f"{where}: placeholder {{{name}}} takes no conversion or format spec "
+                                 f"(found {'!' + conv if conv else ''}{':' + spec if spec else ''})")
 
 
 def _check_params(params: Any, pattern: str, where: str) -> dict:

@@ -37,20 +37,18 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from rpp.config import Config, RefinerConfig, cache_root
-
-PATTERNS = ("role", "history", "reasoning", "format")
-"""Same order as rpp.prompts.actions.PATTERNS (kept here so the guards can be used without the action sets)."""
+from rpp.prompts.actions import PATTERNS
 
 PATTERN_PURPOSES: dict[str, str] = {
-    "role": "it tells the assistant which role to take when recommending {item_noun}s to this user",
-    "history": "it introduces the list of {item_noun}s this user watched before, which follows it",
-    "reasoning": "it tells the assistant how to reason about this user's taste before ranking the {item_noun}s",
-    "format": "it tells the assistant how to write down the ranked list of candidate {item_noun}s",
+    "role": "it tells the assistant which role to take when recommending {item_noun_plural} to this user",
+    "history": "it introduces the list of {item_noun_plural} this user chose before, which follows it",
+    "reasoning": "it tells the assistant how to reason about this user's taste before ranking the {item_noun_plural}",
+    "format": "it tells the assistant how to write down the ranked list of candidate {item_noun_plural}",
 }
 """What each pattern's sentence is for, shown to the refiner so a rewrite keeps the sentence's job."""
 
 REFINER_SYSTEM = "You are a helpful assistant."
-"""SmolLM2's own default system prompt; a longer one made the 135M model echo it back."""
+"""SmolLM2-Instruct's default system prompt (what it was tuned with); the task itself is in the user turn."""
 
 REJECTION_REASONS = (
     "generator_failed", "empty", "refusal", "copies_instruction", "too_long", "lost_placeholder",
@@ -106,35 +104,38 @@ def title_variants(title: str) -> set[str]:
     return {v for v in out if len(v) >= 3}
 
 
-_COMMON_SHORT_WORDS = frozenset(
+_EVERYDAY_WORDS = frozenset(
     "the and you your for are with this that what who how why all one not any our out can get her his its big "
-    "now new day man men war boy run ran red kid kids job fan fans mad bad top few see old".split()
+    "now new day man men war boy run ran red kid kids job fan fans mad bad top few see old heat love home life "
+    "time fire dead face game golf gold blue dark last next best more most play made open rain hard high rose "
+    "star fear free girl hero jack king lost mask mind moon rock safe seven shine speed wild world taste story "
+    "watch films movie movies music child children crash drama comedy horror action family friends liar money "
+    "mother father brother sister".split()
 )
+"""Everyday words that are also one-word titles (MovieLens has "Heat", "Big", "Kids", "Crash", "Drama"...)."""
 
 
 class CandidateMatcher:
-    """Finds candidate titles named in a text (whole-word match of any ``title_variants``).
+    """Finds candidate titles named in a text: a whole-word match of any ``title_variants`` on normalised text.
 
-    A one-word variant that is also an everyday word ("Big", "Heat", "Kids", "Go") would reject most rewrites,
-    so those are matched case-sensitively against the raw text as a capitalised word that does not start the
-    sentence: "you will love Heat" is a leak, "Heat up the ranking" is not."""
+    A one-word variant that is short or an everyday word ("Big", "Heat", "Go") would reject most rewrites, so
+    those are matched case-sensitively as a capitalised word that does not start a sentence: "you will love
+    Heat" names the candidate, "Heat up your ranking" does not."""
 
     def __init__(self, titles: Iterable[str]) -> None:
         self.titles = tuple(str(t) for t in titles)
-        multi: list[tuple[str, str]] = []
+        self._by_variant: dict[str, str] = {}
         self._single: list[tuple[str, re.Pattern]] = []
         for title in self.titles:
-            for v in title_variants(title):
-                if " " in v or (len(v) >= 4 and v not in _COMMON_SHORT_WORDS and not _is_english_word(v)):
-                    multi.append((v, title))
+            for v in sorted(title_variants(title)):
+                if " " in v or (len(v) >= 4 and v not in _EVERYDAY_WORDS):
+                    self._by_variant.setdefault(v, title)
                 else:
-                    cap = v[:1].upper() + v[1:]
-                    self._single.append((title, re.compile(rf"(?<![.!?:]\s)(?<!^)\b{re.escape(cap)}\b")))
-        multi.sort(key=lambda p: -len(p[0]))
-        self._multi = multi
-        alternation = "|".join(re.escape(v) for v, _ in multi)
-        self._multi_re = re.compile(rf"(?:^| )({alternation})(?= |$)") if multi else None
-        self._by_variant = {v: t for v, t in multi}
+                    word = v[:1].upper() + v[1:]
+                    self._single.append((title, re.compile(rf"\b{re.escape(word)}\b")))
+        variants = sorted(self._by_variant, key=len, reverse=True)
+        self._multi_re = (re.compile(r"(?:^| )(" + "|".join(re.escape(v) for v in variants) + r")(?= |$)")
+                          if variants else None)
 
     def find(self, text: str) -> Optional[str]:
         """The first candidate title named in ``text``, or None."""
@@ -142,24 +143,11 @@ class CandidateMatcher:
             m = self._multi_re.search(normalize(text))
             if m:
                 return self._by_variant[m.group(1)]
-        stripped = text.strip()
         for title, pattern in self._single:
-            if pattern.search(stripped):
-                return title
+            for m in pattern.finditer(text):
+                if m.start() > 0 and not re.search(r"[.!?:;\"“]\s*$", text[:m.start()]):
+                    return title
         return None
-
-
-# A small list of everyday words that are also one-word titles in MovieLens; matched case-sensitively (see above).
-_EVERYDAY = frozenset(
-    "heat love home life time fire dead face game golf gold blue dark last next best more most play made open rain "
-    "hard high rose star fear free girl hero jack king lost mask mind moon rock safe seven shine speed tin wild "
-    "world taste story watch films movie movies music child children crash drama comedy horror action family "
-    "friends liar money mother father brother sister roommates".split()
-)
-
-
-def _is_english_word(v: str) -> bool:
-    return v in _EVERYDAY
 
 
 _REFUSAL = re.compile(
@@ -229,12 +217,58 @@ class Verdict:
     """E.g. the candidate title that was named, the placeholder that was lost."""
 
 
-def judge_rewrite(raw: Optional[str], original: str, *, max_chars: int, candidates: CandidateMatcher | Iterable[str],
-                  echo_sources: Sequence[str] = (), echo_ngram: int = 5) -> Verdict:
-    """Accept a model's rewrite of ``original`` or fall back to ``original``, with the reason.
+def templatize(text: str, template: str, values: Mapping[str, str]) -> str:
+    """Turn the values of ``template``'s placeholders in a rewrite back into placeholders.
 
-    echo_sources: texts the answer must not copy (the instruction's own words and the user summary); a run of
-    ``echo_ngram`` words shared with one of them, and not present in the original sentence, is an echo."""
+    The model is shown the sentence with its placeholders filled ("the 15 movies ...", not "the {n_history}
+    {item_noun_plural} ..."): a small model rewrites natural text far better than text with braces, which it
+    drops or garbles. The answer is mapped back here (longest value first, whole words, any case), so the refined
+    text stays a template the builder fills, and "keeps every placeholder" is checked on the result. Literal
+    braces in the answer are left alone: they fail the placeholder guard."""
+    names = placeholders(template) or set()
+    pairs = sorted(((n, str(values[n])) for n in names if n in values and str(values[n]).strip()),
+                   key=lambda kv: -len(kv[1]))
+    out = text
+    for name, value in pairs:
+        out = re.sub(rf"(?<![\w{{]){re.escape(value)}(?![\w}}])", lambda _m, n=name: "{" + n + "}", out,
+                     flags=re.IGNORECASE)
+    return out
+
+
+def _echo(text: str, original: str, instruction: str | Sequence[str], summary: str) -> Optional[str]:
+    """What the answer copies from the refiner's own prompt, or None.
+
+    The instruction (its fixed words and the pattern's purpose): any run of 5 words shared with it and not in the
+    original sentence is a copy; small models often answer with the instruction itself. The user summary: naming
+    a liked genre or a recent title is the personalisation we want, so only an answer that is mostly the summary
+    (half or more of its words inside 4-word runs shared with it) counts as echoing it back."""
+    tokens = normalize(text).split()
+    own5, own4 = _ngrams(normalize(original).split(), 5), _ngrams(normalize(original).split(), 4)
+    parts = [instruction] if isinstance(instruction, str) else list(instruction)
+    inst5 = set().union(*(_ngrams(normalize(part).split(), 5) for part in parts)) if parts else set()
+    shared = (_ngrams(tokens, 5) & inst5) - own5
+    if shared:
+        return "instruction: " + " ".join(sorted(shared)[0])
+    summary_grams = _ngrams(normalize(summary).split(), 4) - own4
+    covered = set()
+    for i in range(len(tokens) - 3):
+        if tuple(tokens[i:i + 4]) in summary_grams:
+            covered.update(range(i, i + 4))
+    if tokens and len(covered) >= 0.5 * len(tokens):
+        return f"user summary: {len(covered)} of {len(tokens)} words"
+    return None
+
+
+def judge_rewrite(raw: Optional[str], original: str, *, max_chars: int,
+                  candidates: CandidateMatcher | Iterable[str], instruction: str | Sequence[str] = "",
+                  user_summary: str = "", values: Optional[Mapping[str, str]] = None) -> Verdict:
+    """Accept a model's rewrite of ``original``, or fall back to ``original`` with the reason.
+
+    instruction: the refiner prompt's own words (the instruction's literal parts and the pattern's purpose);
+    user_summary: the summary the model was shown. values: the placeholder values the model saw filled in (see
+    ``templatize``); None when it saw the raw template. Numbers are allowed only when the original or the summary
+    has them (a title like "Apollo 13"), so a rewrite cannot invent a count that contradicts the prompt.
+    The accepted text is the templatized rewrite (placeholders restored)."""
     matcher = candidates if isinstance(candidates, CandidateMatcher) else CandidateMatcher(candidates)
 
     def reject(reason: str, cleaned: Optional[str], detail: Optional[str] = None) -> Verdict:
@@ -243,16 +277,15 @@ def judge_rewrite(raw: Optional[str], original: str, *, max_chars: int, candidat
     if raw is None:
         return reject("generator_failed", None)
     text = clean_rewrite(raw)
-    if not text or not normalize(text):
+    if values:
+        text = templatize(text, original, values)
+    if not normalize(text):
         return reject("empty", text)
     if _REFUSAL.search(text):
         return reject("refusal", text)
-    tokens = normalize(text).split()
-    own = _ngrams(normalize(original).split(), echo_ngram)
-    for source in echo_sources:
-        shared = (_ngrams(tokens, echo_ngram) & _ngrams(normalize(source).split(), echo_ngram)) - own
-        if shared:
-            return reject("copies_instruction", text, " ".join(sorted(shared)[0]))
+    echo = _echo(text, original, instruction, user_summary)
+    if echo:
+        return reject("copies_instruction", text, echo)
     if len(text) > max_chars:
         return reject("too_long", text, f"{len(text)} > {max_chars} chars")
     want, got = placeholders(original) or set(), placeholders(text)
@@ -262,7 +295,7 @@ def judge_rewrite(raw: Optional[str], original: str, *, max_chars: int, candidat
         return reject("lost_placeholder", text, ", ".join(sorted(want - got)))
     if got - want:
         return reject("new_placeholder", text, ", ".join(sorted(got - want)))
-    allowed_numbers = set(_NUMBER.findall(original))
+    allowed_numbers = set(_NUMBER.findall(original)) | set(_NUMBER.findall(user_summary))
     new_numbers = [n for n in _NUMBER.findall(text) if n not in allowed_numbers]
     if new_numbers:
         return reject("adds_number", text, ", ".join(new_numbers))
@@ -383,6 +416,34 @@ def _action_text(action: Any) -> str:
     return action if isinstance(action, str) else str(getattr(action, "text", "") or "")
 
 
+def placeholder_values(ctx: Any, picks: Mapping[str, Any], item_noun: str) -> dict[str, str]:
+    """The values the builder will give the placeholders of this user's prompt (see rpp.prompts.PLACEHOLDERS)."""
+    from rpp.prompts.builder import pluralize
+
+    history = list(_field(ctx, "history_titles", "history"))
+    values = {"item_noun": item_noun, "item_noun_plural": pluralize(item_noun),
+              "last_item": str(history[-1]) if history else ""}
+    params = getattr(picks.get("history"), "params", None) or {}
+    if "window" in params:
+        values["n_history"] = str(min(int(params["window"]), len(history)))
+    return values
+
+
+@dataclass
+class _Job:
+    """One sentence of one user to refine in this step."""
+
+    user: int
+    pattern: str
+    template: str
+    """The chosen action's text, placeholders unfilled."""
+    values: dict
+    summary: str
+    matcher: CandidateMatcher
+    messages: tuple = ()
+    key: str = ""
+
+
 class Refiner:
     """Rewrites the chosen sentences of a batch of users (one ``generate`` call per refining step), guarded and
     cached. ``refine`` is what ``StepCore`` calls; ``stats`` is what training/evaluation/benchmark report."""
@@ -407,10 +468,7 @@ class Refiner:
         self.cache = cache
         self.patterns = tuple(patterns)
         self.identity = str(getattr(generator, "identity", type(generator).__name__))
-        # the instruction's own words (placeholders blanked): an answer sharing a 5-word run with them is an echo
-        self._instruction_words = cfg.instruction.replace("{{", "{").replace("}}", "}")
-        for name in INSTRUCTION_FIELDS:
-            self._instruction_words = self._instruction_words.replace("{" + name + "}", " | ")
+        self._instruction_parts = tuple(lit for lit, *_ in string.Formatter().parse(cfg.instruction) if lit.strip())
         self._lock = threading.Lock()
         self._stats = self._empty_stats()
         self.last_verdicts: list[Optional[dict[str, Verdict]]] = []
@@ -426,19 +484,28 @@ class Refiner:
         """Steps 0, k, 2k, ... refine (k = every_k_steps)."""
         return step % self.cfg.every_k_steps == 0
 
+    def _purpose(self, pattern: str) -> str:
+        from rpp.prompts.builder import pluralize
+
+        return PATTERN_PURPOSES[pattern].format(item_noun=self.item_noun, item_noun_plural=pluralize(self.item_noun))
+
     def messages(self, sentence: str, pattern: str, summary: str) -> tuple[dict, ...]:
-        purpose = PATTERN_PURPOSES[pattern].format(item_noun=self.item_noun)
-        content = self.cfg.instruction.format(purpose=purpose, user_summary=summary, sentence=sentence,
-                                              item_noun=self.item_noun)
+        """The chat prompt that asks for one rewrite of ``sentence`` (placeholders already filled); it is also
+        the main part of the cache key."""
+        content = self.cfg.instruction.format(purpose=self._purpose(pattern), user_summary=summary,
+                                              sentence=sentence, item_noun=self.item_noun)
         return ({"role": "system", "content": REFINER_SYSTEM}, {"role": "user", "content": content})
 
     def refine(self, contexts: Sequence[Any], chosen: Sequence[Mapping[str, Any]], step: int
                ) -> list[Optional[dict[str, str]]]:
         """Rewritten sentence per pattern for each user, or None for every user on a step that does not refine.
 
-        Each returned dict holds every pattern of ``chosen``: the accepted rewrite, or the original text (empty
-        sentences, patterns not refined, rejected rewrites). Texts keep their {placeholders}; the builder fills them.
+        contexts: UserContext per user; chosen: pattern -> Action per user. Each returned dict holds every pattern
+        of ``chosen``: the accepted rewrite, or the original text (empty sentences, rejected rewrites). Texts are
+        templates with their {placeholders}, like action texts; the builder fills them.
         """
+        from rpp.prompts.builder import fill_placeholders
+
         if len(contexts) != len(chosen):
             raise ValueError(f"refine: {len(contexts)} contexts but {len(chosen)} chosen-action dicts")
         if not self.should_refine(step):
@@ -448,33 +515,38 @@ class Refiner:
             return [None] * len(contexts)
 
         results: list[dict[str, str]] = []
-        jobs: list[tuple[int, str, str, tuple, str, CandidateMatcher]] = []  # user, pattern, sentence, msgs, summary
+        jobs: list[_Job] = []
         skipped = 0
         for i, (ctx, picks) in enumerate(zip(contexts, chosen)):
             out = {p: _action_text(a) for p, a in picks.items()}
             results.append(out)
             summary = user_summary(ctx)
             matcher = CandidateMatcher(_field(ctx, "candidate_titles", "candidates"))
+            values = placeholder_values(ctx, picks, self.item_noun)
             for pattern in self.patterns:
                 if pattern not in out:
                     continue
-                sentence = out[pattern]
-                if not sentence.strip():
+                if not out[pattern].strip():
                     skipped += 1  # "no role" stays empty: nothing to personalise, and a rewrite would invent one
                     continue
-                jobs.append((i, pattern, sentence, self.messages(sentence, pattern, summary), summary, matcher))
+                job = _Job(i, pattern, out[pattern], values, summary, matcher)
+                job.messages = self.messages(fill_placeholders(job.template, values), pattern, summary)
+                job.key = RefinementCache.key(self.identity, job.messages, self.cfg.max_new_tokens,
+                                              self.cfg.temperature)
+                jobs.append(job)
 
         start = time.perf_counter()
-        keys = [RefinementCache.key(self.identity, j[3], self.cfg.max_new_tokens, self.cfg.temperature) for j in jobs]
-        answers: dict[str, Optional[str]] = dict(self.cache.get_many(keys)) if self.cache is not None else {}
-        hits = sum(1 for k in keys if k in answers)
-        todo: dict[str, tuple] = {}
-        for key, job in zip(keys, jobs):
-            if key not in answers and key not in todo:
-                todo[key] = job[3]  # identical requests in one batch are asked once
+        answers: dict[str, Optional[str]] = {}
+        if self.cache is not None:
+            answers.update(self.cache.get_many([j.key for j in jobs]))
+        hits = sum(1 for j in jobs if j.key in answers)
+        todo: dict[str, _Job] = {}
+        for job in jobs:
+            if job.key not in answers:
+                todo.setdefault(job.key, job)  # identical requests in one batch are asked once
         calls = 0
         if todo:
-            prompts = list(todo.values())
+            prompts = [j.messages for j in todo.values()]
             outputs = self.generator.generate(prompts, self.cfg.max_new_tokens)
             calls = 1
             if len(outputs) != len(prompts):
@@ -483,16 +555,16 @@ class Refiner:
             fresh = dict(zip(todo.keys(), outputs))
             answers.update(fresh)
             if self.cache is not None:
-                sentences = {k: j[2] for k, j in zip(keys, jobs)}
-                self.cache.put_many((k, self.identity, sentences[k], o) for k, o in fresh.items() if o is not None)
+                self.cache.put_many((k, self.identity, todo[k].template, o) for k, o in fresh.items() if o is not None)
         wall = time.perf_counter() - start
 
         verdicts: list[dict[str, Verdict]] = [{} for _ in contexts]
-        for key, (i, pattern, sentence, _, summary, matcher) in zip(keys, jobs):
-            v = judge_rewrite(answers.get(key), sentence, max_chars=self.cfg.max_chars, candidates=matcher,
-                              echo_sources=(self._instruction_words, summary))
-            verdicts[i][pattern] = v
-            results[i][pattern] = v.text
+        for job in jobs:
+            v = judge_rewrite(answers.get(job.key), job.template, max_chars=self.cfg.max_chars,
+                              candidates=job.matcher, instruction=self._instruction_parts + (self._purpose(job.pattern),),
+                              user_summary=job.summary, values=job.values)
+            verdicts[job.user][job.pattern] = v
+            results[job.user][job.pattern] = v.text
         self.last_verdicts = verdicts
 
         with self._lock:
@@ -504,11 +576,11 @@ class Refiner:
             s["sentences"] += len(jobs)
             s["skipped_empty"] += skipped
             s["wall_s"] += wall
-            for (i, pattern, sentence, *_), key in zip(jobs, keys):
-                v = verdicts[i][pattern]
+            for job in jobs:
+                v = verdicts[job.user][job.pattern]
                 if v.accepted:
                     s["accepted"] += 1
-                    s["accepted_unchanged"] += int(normalize(v.text) == normalize(sentence))
+                    s["accepted_unchanged"] += int(normalize(v.text) == normalize(job.template))
                 else:
                     s["rejected_by_reason"][v.reason] += 1
         return results

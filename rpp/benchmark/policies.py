@@ -1,0 +1,112 @@
+"""Trained policies in the benchmark: the run's saved agents, driven over the BENCHMARK's users, candidates and ranker.
+
+``rpp.agents.evaluate`` evaluates a run on its own split with its own ranker; a benchmark instead needs every method
+on one user list and one ranker. So this module loads the run's checkpoint and config and runs the same greedy
+rollout (``rpp.agents.run_policy``) on a StepCore built from the benchmark's pieces, after checking that the run
+is compatible: same action set and prompt settings (the agents' actions must mean the same sentences), same
+encoder and observation shape (the agents must see what they were trained on), and no benchmark test user among
+the run's training or validation users.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+from rpp.benchmark.methods import BenchContext, BenchmarkError
+from rpp.data import UserSample
+from rpp.llm.base import Ranking
+
+
+def _check_compatible(run_dir: Path, run_cfg, ctx: BenchContext, users: Sequence[UserSample]) -> list[str]:
+    """Raise BenchmarkError on anything that would make the comparison wrong; return notes on what differs but
+    is allowed (the ranker: the benchmark's ranker serves every method, by design)."""
+    from rpp.data import split_users
+    from rpp.prompts import load_action_set
+
+    cfg = ctx.cfg
+    run_actions = load_action_set(run_cfg.prompt.action_spaces)
+    bench_actions = ctx.builder.action_set
+    for p in ("role", "history", "reasoning", "format"):
+        ours = [(a.id, a.text) for a in bench_actions.actions[p]]
+        theirs = [(a.id, a.text) for a in run_actions.actions[p]]
+        if ours != theirs:
+            raise BenchmarkError(f"{run_dir}: the run's '{p}' actions differ from the benchmark's action set "
+                                 f"(prompt.action_spaces); its agents' choices would mean other sentences")
+    for key in ("show_candidates", "system", "taskwise"):
+        if getattr(run_cfg.prompt, key) != getattr(cfg.prompt, key):
+            raise BenchmarkError(f"{run_dir}: prompt.{key} differs between the run and the benchmark config")
+    if run_cfg.encoder.model_dump() != cfg.encoder.model_dump():
+        raise BenchmarkError(f"{run_dir}: encoder settings differ between the run and the benchmark config; the "
+                             f"agents would see states they were not trained on")
+    if run_cfg.llm.mode != cfg.llm.mode:
+        raise BenchmarkError(f"{run_dir}: llm.mode differs ({run_cfg.llm.mode} vs {cfg.llm.mode}): the prompt "
+                             f"layout differs")
+    if run_cfg.refiner.enabled:
+        raise BenchmarkError(f"{run_dir}: RPP+ runs (refiner.enabled) are not supported by the benchmark yet")
+    # the user check: rebuild the run's own split and make sure no benchmark test user was seen by the run
+    run_split = split_users(ctx.dataset, run_cfg.data, run_cfg.seed)
+    seen = {u.user for u in run_split.train + run_split.val}
+    leaked = sorted({u.user for u in users} & seen, key=str)
+    if leaked:
+        raise BenchmarkError(f"{run_dir}: {len(leaked)} benchmark test user(s) were training or validation users "
+                             f"of this run (e.g. {leaked[:5]}); use the run's data settings and seed")
+    notes = []
+    run_llm = {k: v for k, v in run_cfg.llm.model_dump().items() if k not in ("cache", "cache_path", "threads")}
+    bench_llm = {k: v for k, v in cfg.llm.model_dump().items() if k not in ("cache", "cache_path", "threads")}
+    if run_llm != bench_llm:
+        diff = [k for k in run_llm if run_llm[k] != bench_llm.get(k)]
+        notes.append(f"trained with different llm settings ({', '.join(diff)}); evaluated on the benchmark's ranker")
+    return notes
+
+
+def training_usage(run_dir: Path, run_cfg) -> Optional[dict]:
+    """The run's training LLM usage from usage.json (requests = model calls + cache hits), or None."""
+    import json
+
+    path = run_dir / "usage.json"
+    if not path.is_file():
+        return None
+    llm = json.loads(path.read_text()).get("llm", {})
+    return {"requests": int(llm.get("calls", 0)) + int(llm.get("cache_hits", 0)),
+            "tokens": int(llm.get("prompt_tokens", 0)) + int(llm.get("completion_tokens", 0)),
+            "users": int(run_cfg.data.n_train_users)}
+
+
+def evaluate_policy(ctx: BenchContext, run_dir: str | Path, users: Sequence[UserSample], steps: int):
+    """Greedy `steps`-step episodes of the run's latest checkpoint on `users`; the last step's ranking per user.
+
+    Returns (rankings, notes, training usage)."""
+    from rpp.agents import run_policy
+    from rpp.agents.checkpoints import latest_checkpoint, load_run_config
+    from rpp.agents.serving import load_algorithm
+    from rpp.envs import StepCore
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise BenchmarkError(f"benchmark.runs: {run_dir} is not a run directory (no config.yaml)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # redacted keys fall back to defaults; irrelevant for acting
+        run_cfg = load_run_config(run_dir)
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise BenchmarkError(f"benchmark.runs: {run_dir} has no checkpoint (train it first)")
+    notes = _check_compatible(run_dir, run_cfg, ctx, users)
+    model = load_algorithm(run_cfg, checkpoint)
+    env_cfg = ctx.cfg.env.model_copy(update={"reward_baseline": "none", "steps_per_episode": int(steps),
+                                             "obs_candidates": run_cfg.env.obs_candidates})
+    core = StepCore(ctx.dataset, users, ctx.builder, ctx.encoder, ctx.ranker, env_cfg=env_cfg,
+                    encoder_cfg=ctx.cfg.encoder, seed=ctx.seed)
+    if list(model.action_space.nvec) != list(core.nvec):
+        raise BenchmarkError(f"{run_dir}: the policy has action sizes {list(model.action_space.nvec)}, the "
+                             f"benchmark's action set {list(core.nvec)}")
+    if tuple(model.observation_space.shape) != tuple(core.observation_space.shape):
+        raise BenchmarkError(f"{run_dir}: the policy observes {tuple(model.observation_space.shape)}, the "
+                             f"benchmark's core gives {tuple(core.observation_space.shape)} (n_candidates or "
+                             f"env.obs_candidates differ)")
+    from rpp.benchmark.methods import CHUNK_USERS
+
+    records = run_policy(model.policy, core, list(users), int(steps), CHUNK_USERS)
+    rankings = [Ranking(order=list(r["ranking_indices"]), failed=bool(r["ranker_failed"])) for r in records]
+    notes.append(f"checkpoint {checkpoint.name}")
+    return rankings, notes, training_usage(run_dir, run_cfg)

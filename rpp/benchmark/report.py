@@ -1,0 +1,243 @@
+"""Statistics and the written report of a benchmark: results.csv, per_user.csv, report.md and two figures.
+
+Every number here is computed from per-user target ranks of methods that ranked the SAME users' SAME candidate
+lists, so differences between methods are paired: the Wilcoxon signed-rank test on per-user NDCG@10 against the
+reference (the best task-wise prompt, chosen on validation users) is the test that matters, and the bootstrap CIs
+are per method. All randomness (bootstrap resamples) is seeded by the config seed.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from rpp.metrics import METRIC_NAMES, all_metrics, paired_test, summarize
+
+RUN_DEPENDENT_COLUMNS = ("fit_s", "rank_s", "infer_s_per_user", "train_paid_calls", "infer_paid_calls",
+                         "train_cache_hits", "infer_cache_hits")
+"""results.csv columns that legitimately differ between two runs of one config (wall time; what the response
+cache answered). Every other column, and all of per_user.csv, must be identical across runs with one seed."""
+
+
+@dataclass
+class Meter:
+    """LLM usage over a span of the benchmark. `requests` counts every ranking request, answered by the model or
+    by the cache (what the method costs without a warm cache); `paid_calls` only those the model answered now."""
+
+    requests: int = 0
+    paid_calls: int = 0
+    cache_hits: int = 0
+    failures: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def __sub__(self, other: "Meter") -> "Meter":
+        return Meter(**{k: getattr(self, k) - getattr(other, k) for k in self.__dataclass_fields__})
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class MethodResult:
+    """One method's outcome on the test users (ranks aligned with the benchmark's test-user list)."""
+
+    name: str
+    family: str
+    notes: str
+    ranks: np.ndarray
+    failed: np.ndarray
+    """Per user: the ranker failed for this user's (last) request, so its ranking is the presented order."""
+    fit_usage: Meter
+    infer_usage: Meter
+    fit_s: float
+    rank_s: float
+    val_ndcg10: Optional[float] = None
+    training_usage: Optional[dict] = None
+    """A trained policy's own training-run usage (calls, tokens), read from its run directory."""
+    metrics: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.metrics = all_metrics(self.ranks)
+
+
+def results_table(results: Sequence[MethodResult], reference: Optional[str], n_boot: int, seed: int,
+                  n_fit_users: int) -> pd.DataFrame:
+    """One row per method: every metric with its 95% percentile-bootstrap CI, the paired test against the
+    reference on NDCG@10, and usage (training = everything before test ranking, inference = test ranking)."""
+    ref = next((r for r in results if r.name == reference), None)
+    rows = []
+    for r in results:
+        n = len(r.ranks)
+        row = {"method": r.name, "family": r.family, "n_users": n}
+        for name, est in summarize(r.ranks, n_boot=n_boot, seed=seed).items():
+            row[name] = est.mean
+            row[f"{name}_low"] = est.low
+            row[f"{name}_high"] = est.high
+        if ref is not None:
+            t = paired_test(r.metrics["ndcg@10"], ref.metrics["ndcg@10"])
+            row.update({"ndcg@10_diff_vs_ref": t.mean_diff, "ndcg@10_rel_vs_ref": t.relative_change,
+                        "p_vs_ref": t.p_value})
+        else:
+            row.update({"ndcg@10_diff_vs_ref": math.nan, "ndcg@10_rel_vs_ref": math.nan, "p_vs_ref": math.nan})
+        row["val_ndcg@10"] = r.val_ndcg10 if r.val_ndcg10 is not None else math.nan
+        tu = r.training_usage or {}
+        row.update({
+            "train_requests": r.fit_usage.requests + int(tu.get("requests", 0)),
+            "train_tokens": r.fit_usage.tokens + int(tu.get("tokens", 0)),
+            "train_users": n_fit_users if r.fit_usage.requests else int(tu.get("users", 0)),
+            "infer_requests_per_user": r.infer_usage.requests / n if n else math.nan,
+            "infer_tokens_per_user": r.infer_usage.tokens / n if n else math.nan,
+            "failed_users": int(r.failed.sum()),
+            "train_paid_calls": r.fit_usage.paid_calls, "train_cache_hits": r.fit_usage.cache_hits,
+            "infer_paid_calls": r.infer_usage.paid_calls, "infer_cache_hits": r.infer_usage.cache_hits,
+            "fit_s": r.fit_s, "rank_s": r.rank_s, "infer_s_per_user": r.rank_s / n if n else math.nan,
+        })
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def per_user_table(users: Sequence, results: Sequence[MethodResult]) -> pd.DataFrame:
+    """One row per (method, test user): target slot, target rank (both 0-based), every metric, failure flag."""
+    frames = []
+    for r in results:
+        df = pd.DataFrame({
+            "user": [u.user for u in users],
+            "method": r.name,
+            "target_slot": [u.target_index for u in users],
+            "rank": r.ranks,
+            **{name: r.metrics[name] for name in METRIC_NAMES},
+            "failed": r.failed.astype(bool),
+        })
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+# ---------------------------------------------------------------------------------------------- figures
+
+
+def plot_ndcg(table: pd.DataFrame, reference: Optional[str], path: Path) -> None:
+    """Horizontal bars of mean NDCG@10 with 95% CIs, one per method; the reference bar is highlighted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"taskwise": "#4C72B0", "optimizer": "#55A868", "policy": "#C44E52", "classic": "#8172B2",
+              "floor": "#937860", "other": "#777777"}
+    t = table.iloc[::-1]
+    fig, ax = plt.subplots(figsize=(7.5, 0.42 * len(t) + 1.4))
+    y = np.arange(len(t))
+    err = np.vstack([t["ndcg@10"] - t["ndcg@10_low"], t["ndcg@10_high"] - t["ndcg@10"]])
+    ax.barh(y, t["ndcg@10"], xerr=err, capsize=3,
+            color=[colors.get(f, "#777777") for f in t["family"]],
+            edgecolor=["black" if m == reference else "none" for m in t["method"]], linewidth=1.5)
+    ax.set_yticks(y, t["method"])
+    ax.set_xlabel(f"NDCG@10 (mean, 95% bootstrap CI; n = {int(t['n_users'].iloc[0])} test users)")
+    for yi, v in zip(y, t["ndcg@10"]):
+        ax.text(v + 0.005, yi + 0.18, f"{v:.3f}", fontsize=7)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for f, c in colors.items() if f in set(t["family"])]
+    ax.legend(handles, [f for f in colors if f in set(t["family"])], fontsize=7, loc="lower right")
+    ax.set_title("NDCG@10 per method" + (f" (outlined: reference '{reference}')" if reference else ""), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def slot_bins(n_candidates: int, n_bins: int = 5) -> list[tuple[int, int]]:
+    """Contiguous 0-based slot ranges [lo, hi) covering 0..n_candidates-1 in about n_bins groups: with a few
+    hundred users one slot holds ~15 of them, too few for a readable curve, so slots are grouped."""
+    width = max(1, math.ceil(n_candidates / n_bins))
+    return [(lo, min(lo + width, n_candidates)) for lo in range(0, n_candidates, width)]
+
+
+def position_bias_table(per_user: pd.DataFrame, n_candidates: int) -> pd.DataFrame:
+    """Mean NDCG@10 per method per group of target slots (rows: methods, columns: slot ranges, 1-based labels)."""
+    bins = slot_bins(n_candidates)
+    labels = [f"{lo + 1}-{hi}" if hi - lo > 1 else f"{lo + 1}" for lo, hi in bins]
+    out = {}
+    for method, g in per_user.groupby("method", sort=False):
+        vals = []
+        for lo, hi in bins:
+            sel = g[(g["target_slot"] >= lo) & (g["target_slot"] < hi)]
+            vals.append(sel["ndcg@10"].mean() if len(sel) else math.nan)
+        out[method] = vals
+    return pd.DataFrame.from_dict(out, orient="index", columns=labels)
+
+
+def plot_position_bias(per_user: pd.DataFrame, n_candidates: int, path: Path) -> pd.DataFrame:
+    """NDCG@10 by the target's slot in the presented candidate list, one line per method. A flat line means no
+    position bias; the classic methods and random ranking should be flat up to noise."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = position_bias_table(per_user, n_candidates)
+    counts = [int(((per_user["target_slot"] >= lo) & (per_user["target_slot"] < hi)).sum()
+                  / max(1, per_user["method"].nunique())) for lo, hi in slot_bins(n_candidates)]
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    x = np.arange(table.shape[1])
+    for method, row in table.iterrows():
+        ax.plot(x, row.to_numpy(), marker="o", label=method)
+    ax.set_xticks(x, [f"{c}\n(n={n})" for c, n in zip(table.columns, counts)])
+    ax.set_xlabel("slot of the target in the presented candidate list (1 = first)")
+    ax.set_ylabel("NDCG@10")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Position bias: NDCG@10 by target slot", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return table
+
+
+# ---------------------------------------------------------------------------------------------- report.md
+
+
+def _fmt(v, digits: int = 4) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.{digits}f}"
+
+
+def _pval(p) -> str:
+    if p is None or (isinstance(p, float) and math.isnan(p)):
+        return "-"
+    return f"{p:.2g}" if p >= 1e-4 else "<1e-4"
+
+
+def markdown_table(table: pd.DataFrame, reference: Optional[str]) -> str:
+    head = ("| method | NDCG@1 | NDCG@5 | NDCG@10 [95% CI] | HR@1 | HR@5 | HR@10 | MRR | "
+            "rel. vs ref | p (Wilcoxon) | val NDCG@10 | train req. | infer req./user | infer tok./user | "
+            "failed | wall s |")
+    sep = "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"
+    lines = [head, sep]
+    for _, r in table.iterrows():
+        name = f"**{r['method']}** (ref)" if r["method"] == reference else r["method"]
+        rel = "-" if r["method"] == reference or math.isnan(r["ndcg@10_rel_vs_ref"]) \
+            else f"{100 * r['ndcg@10_rel_vs_ref']:+.1f}%"
+        p = "-" if r["method"] == reference else _pval(r["p_vs_ref"])
+        lines.append(
+            f"| {name} | {_fmt(r['ndcg@1'])} | {_fmt(r['ndcg@5'])} | "
+            f"{_fmt(r['ndcg@10'])} [{_fmt(r['ndcg@10_low'], 3)}, {_fmt(r['ndcg@10_high'], 3)}] | "
+            f"{_fmt(r['hr@1'])} | {_fmt(r['hr@5'])} | {_fmt(r['hr@10'])} | {_fmt(r['mrr'])} | {rel} | {p} | "
+            f"{_fmt(r['val_ndcg@10'])} | {int(r['train_requests'])} | {_fmt(r['infer_requests_per_user'], 2)} | "
+            f"{_fmt(r['infer_tokens_per_user'], 0)} | {int(r['failed_users'])} | "
+            f"{r['fit_s'] + r['rank_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def df_markdown(df: pd.DataFrame, digits: int = 3, index_name: str = "") -> str:
+    cols = list(df.columns)
+    lines = ["| " + " | ".join([index_name] + [str(c) for c in cols]) + " |",
+             "|" + "|".join(["---"] * (len(cols) + 1)) + "|"]
+    for idx, row in df.iterrows():
+        lines.append("| " + " | ".join([str(idx)] + [_fmt(v, digits) if isinstance(v, (float, np.floating))
+                                                     else str(v) for v in row.tolist()]) + " |")
+    return "\n".join(lines)

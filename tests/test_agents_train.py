@@ -1,0 +1,236 @@
+"""train / evaluate / serving / ranker check on the REAL environment (ML-100K users, real prompts, the real
+MiniLM state encoder, the batched VecEnv), with a deterministic stand-in ranker so these run in seconds.
+The same paths with the real SmolLM2 ranker are in test_agents_llm.py."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch as th
+import yaml
+from stable_baselines3.common.callbacks import BaseCallback
+
+from rpp.config import ConfigError, load_config
+from rpp.llm.base import Ranker, Ranking
+
+
+class PromptHashRanker(Ranker):
+    """Ranks candidates by a hash of (prompt, title): deterministic, depends on every word of the prompt (so on
+    every agent's action) and knows nothing about targets. A test double for the LLM, not a model of one."""
+
+    identity = "test-prompt-hash"
+
+    def rank(self, requests):
+        out = []
+        for req in requests:
+            text = json.dumps(req.messages, sort_keys=True)
+            scores = [int.from_bytes(hashlib.sha256(f"{text}\x00{c}".encode()).digest()[:4], "little") / 2 ** 32
+                      for c in req.candidates]
+            order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+            out.append(Ranking(order=order, scores=scores, prompt_tokens=len(text) // 4))
+        self.usage.record(out)
+        return out
+
+
+class PresentedOrderRanker(Ranker):
+    """Returns every candidate list as presented: a ranker at chance level (the target's slot is random)."""
+
+    identity = "test-presented-order"
+
+    def rank(self, requests):
+        out = [Ranking(order=list(range(len(r.candidates)))) for r in requests]
+        self.usage.record(out)
+        return out
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = th.get_num_threads()
+    th.set_num_threads(1)
+    yield
+    th.set_num_threads(before)
+
+
+def tiny_cfg(tmp_path: Path, name: str, *extra: str):
+    return load_config(None, [
+        f"name={name}", f"train.runs_dir={tmp_path / 'runs'}",
+        "data.n_train_users=8", "data.n_val_users=8", "data.n_test_users=6",
+        "env.n_envs=4", "env.steps_per_episode=2", "train.n_steps=2", "train.batch_size=8",
+        "train.hidden_size=16", "train.total_steps=24", "train.check_users=0", "train.learning_rate=0.003",
+        *extra,
+    ])
+
+
+class InitialParameters(BaseCallback):
+    """Records the policy's parameters when training starts."""
+
+    def _on_training_start(self) -> None:
+        self.initial = {k: v.clone() for k, v in self.model.policy.state_dict().items()}
+
+    def _on_step(self) -> bool:
+        return True
+
+
+def test_a2c_trains_and_writes_a_complete_run_dir(tmp_path):
+    from rpp.agents import train
+
+    cfg = tiny_cfg(tmp_path, "a2c", "train.algo=a2c", "train.check_users=6")
+    snapshot = InitialParameters()
+    ranker = PromptHashRanker()
+    run_dir = train(cfg, ranker=ranker, progress=False, callbacks=[snapshot])
+    assert run_dir == tmp_path / "runs" / "a2c"
+    for name in ("config.yaml", "actions.yaml", "metrics.jsonl", "usage.json", "learning_curve.png",
+                 "ranker_check.json", "checkpoints/latest"):
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "tb").iterdir()), "no TensorBoard events"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["timesteps"] for r in rows] == [8, 16, 24]  # 4 envs x 2 steps per rollout, 3 rollouts
+    for r in rows:
+        assert set(r["entropy"]) == {"role", "history", "reasoning", "format"}
+        assert all(abs(sum(p.values()) - 1) < 1e-4 for p in r["mean_probs"].values())
+        assert r["llm_calls"] >= 8  # the steps (+ task-wise baselines of new users)
+    usage = json.loads((run_dir / "usage.json").read_text())
+    # every ranker call is accounted: the 6 ranker-check users, then each rollout's steps and baselines
+    assert usage["llm"]["calls"] == ranker.usage.snapshot().calls == sum(r["llm_calls"] for r in rows) + 6
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["train"]["algo"] == "a2c"
+    from stable_baselines3 import A2C
+
+    model = A2C.load(run_dir / "checkpoints" / "rollout-000003" / "model.zip")
+    assert model.num_timesteps == 24
+    final = model.policy.state_dict()
+    changed = [name for name, value in snapshot.initial.items() if not th.equal(value, final[name])]
+    # every agent's GRU and head, and the critic, were updated by A2C
+    for part in [f"mlp_extractor.agents.{i}.gru" for i in range(4)] + [f"action_net.heads.{i}" for i in range(4)] \
+            + ["mlp_extractor.critic", "value_net"]:
+        assert any(name.startswith(part) for name in changed), part
+
+
+def test_custom_action_set_with_7_roles_and_3_formats_trains_without_code_changes(tmp_path):
+    from rpp.agents import PromptPolicy, evaluate, train
+
+    actions = {
+        "role": [{"id": f"role{i}", "text": f"You are assistant number {i} who recommends {{item_noun_plural}}."}
+                 for i in range(7)],
+        "history": [{"id": "last5", "text": "The user's last {n_history} {item_noun_plural}:",
+                     "params": {"window": 5}},
+                    {"id": "last12", "text": "The user's last {n_history} {item_noun_plural}, rated:",
+                     "params": {"window": 12, "ratings": True}}],
+        "reasoning": [{"id": "none", "text": ""}, {"id": "taste", "text": "Match the user's taste."}],
+        "format": [{"id": "title", "text": "Answer with a title."}, {"id": "none", "text": ""},
+                   {"id": "year", "text": "Include the year."}],
+    }
+    path = tmp_path / "my_actions.yaml"
+    path.write_text(yaml.safe_dump(actions, sort_keys=False))
+    cfg = tiny_cfg(tmp_path, "custom", f"prompt.action_spaces={path}", "train.total_steps=16")
+    ranker = PromptHashRanker()
+    run_dir = train(cfg, ranker=ranker, progress=False)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert list(rows[-1]["mean_probs"]["role"]) == [f"role{i}" for i in range(7)]
+    assert list(rows[-1]["mean_probs"]["format"]) == ["title", "none", "year"]
+    path.unlink()  # the run keeps its own copy of the action set
+    policy = PromptPolicy.load(run_dir)
+    assert list(policy.model.action_space.nvec) == [7, 2, 2, 3]
+    choice = policy.choose(["Toy Story (1995)", "Heat (1995)", "Fargo (1996)"], ["Casino (1995)", "Babe (1995)"])
+    assert choice["role"] in {f"role{i}" for i in range(7)} and choice["format"] in {"title", "none", "year"}
+    result = evaluate(run_dir, steps=1, n_users=4, ranker=ranker)
+    assert result.n_users == 4 and result.llm_requests_per_user == 1.0
+    assert sum(result.action_counts["role"].values()) == 4
+
+
+def test_evaluation_never_reads_the_target(tmp_path):
+    """Permuting every user's target among its candidates leaves each chosen action and each ranking unchanged."""
+    from dataclasses import replace
+
+    from rpp.agents import run_policy, train
+    from rpp.agents.checkpoints import latest_checkpoint, load_run_config
+    from rpp.agents.serving import load_algorithm
+    from rpp.envs import StateEncoder, StepCore, make_core
+
+    cfg = tiny_cfg(tmp_path, "shuffle", "train.total_steps=8")
+    ranker = PromptHashRanker()
+    run_dir = train(cfg, ranker=ranker, progress=False)
+    run_cfg = load_run_config(run_dir)
+    policy = load_algorithm(run_cfg, latest_checkpoint(run_dir)).policy
+    core = make_core(run_cfg, "test", ranker=ranker, encoder=StateEncoder(run_cfg.encoder))
+    rng = np.random.default_rng(0)
+    shuffled = []
+    for s in core.samples:
+        slot = int(rng.choice([i for i in range(len(s.candidates)) if i != s.target_index]))
+        shuffled.append(replace(s, target=s.candidates[slot], target_index=slot))
+    # a fresh core for the shuffled users, so no cache inside the core can carry anything over
+    core2 = StepCore(core.dataset, shuffled, core.builder, core.encoder, ranker, env_cfg=run_cfg.env,
+                     encoder_cfg=run_cfg.encoder, seed=run_cfg.seed)
+    a = run_policy(policy, core, core.samples, steps=3, batch_size=4)
+    b = run_policy(policy, core2, shuffled, steps=3, batch_size=4)
+    assert [r["actions"] for r in a] == [r["actions"] for r in b]
+    assert [r["ranking_indices"] for r in a] == [r["ranking_indices"] for r in b]
+    assert [r["prompt"] for r in a] == [r["prompt"] for r in b]
+    assert [r["target_rank"] for r in a] != [r["target_rank"] for r in b]  # the targets did move
+
+
+def test_fresh_train_refuses_to_overwrite_and_resume_refuses_a_different_config(tmp_path):
+    from rpp.agents import train
+
+    cfg = tiny_cfg(tmp_path, "guard", "train.total_steps=8")
+    ranker = PromptHashRanker()
+    run_dir = train(cfg, ranker=ranker, progress=False)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(cfg, ranker=ranker, progress=False)
+    changed = cfg.model_copy(deep=True)
+    changed.train.learning_rate = 0.1
+    with pytest.raises(ConfigError, match="train.learning_rate"):
+        train(changed, resume=run_dir, ranker=ranker, progress=False)
+    # a larger budget is a legitimate continuation
+    longer = cfg.model_copy(deep=True)
+    longer.train.total_steps = 16
+    train(longer, resume=run_dir, ranker=ranker, progress=False)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["timesteps"] for r in rows] == [8, 16]
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["total_steps"] == 16
+
+
+def test_ranker_check_warns_loudly_on_a_chance_level_ranker(tmp_path, capsys):
+    from rpp.agents import check_ranker
+
+    cfg = tiny_cfg(tmp_path, "check")
+    report = check_ranker(cfg, PresentedOrderRanker(), run_dir=tmp_path, n_users=8)
+    out, err = capsys.readouterr()
+    assert report["clearly_above_random"] is False
+    assert "NOT clearly better than a random order" in err and "!!!!" in err
+    assert "random" in out and "popularity" in out
+    saved = json.loads((tmp_path / "ranker_check.json").read_text())
+    assert saved["n_users"] == 8
+    assert saved["random_metrics"]["ndcg@10"] == pytest.approx(
+        np.mean([1 / np.log2(r + 2) for r in range(10)]) / 2)  # 20 candidates, half of them inside the top 10
+
+
+def test_serving_sees_what_the_environment_shows(tmp_path):
+    """PromptPolicy's one-shot observation for a user equals the env's first observation for that user, so the
+    served choice is the one the policy makes at step 0 of an evaluation episode."""
+    from rpp.agents import PromptPolicy, run_policy, train
+    from rpp.envs import make_core
+
+    cfg = tiny_cfg(tmp_path, "serve", "train.total_steps=8", "env.reward_baseline=none")
+    ranker = PromptHashRanker()
+    run_dir = train(cfg, ranker=ranker, progress=False)
+    served = PromptPolicy.load(run_dir)
+    core = make_core(served.cfg, "test", ranker=ranker, encoder=served.encoder)
+    samples = core.samples[:3]
+    _, env_obs = core.reset(samples)
+    steps = run_policy(served.policy, core, samples, steps=1, batch_size=3)
+    for sample, obs, record in zip(samples, env_obs, steps):
+        ctx = core.context(sample)
+        ratings = list(ctx.history_ratings)
+        mine = served.observation(ctx.history_titles, ctx.candidate_titles, ratings)
+        np.testing.assert_allclose(mine, obs, atol=1e-5)
+        assert served.choose(ctx.history_titles, ctx.candidate_titles, ratings) == record["actions"]
+        prompt = served.personalize(ctx.history_titles, ctx.candidate_titles, ratings)
+        assert prompt.action_ids == record["actions"] and prompt.text == record["prompt"]
+    # no candidates: zero candidate rows, still a valid choice and prompt
+    bare = served.observation(["Toy Story (1995)"])
+    assert not bare[1:].any() and bare[0].any()
+    assert set(served.personalize(["Toy Story (1995)"]).action_ids) == {"role", "history", "reasoning", "format"}

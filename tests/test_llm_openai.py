@@ -1,0 +1,144 @@
+"""The OpenAI-compatible backend: faults against a misbehaving local endpoint, and the REAL llama.cpp server."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from llm_server import FakeEndpoint, LlamaServer  # noqa: E402
+
+from rpp.llm import RankRequest, ScoreModeUnsupported  # noqa: E402
+from rpp.llm.openai_backend import OpenAIRanker  # noqa: E402
+
+CANDS = ("Fargo (1996)", "Heat (1995)", "Se7en (1995)")
+
+
+def gen_request(tag: str) -> RankRequest:
+    listing = "\n".join(f"{i}. {t}" for i, t in enumerate(CANDS, start=1))
+    return RankRequest(({"role": "user", "content": f"{tag}\nRank these:\n{listing}"},), CANDS)
+
+
+@pytest.fixture(scope="module")
+def fake():
+    with FakeEndpoint(sleep_s=6.0) as endpoint:
+        yield endpoint
+
+
+def make(fake, **kw) -> OpenAIRanker:
+    args = dict(model="fake", base_url=fake.base_url, mode="generate", timeout_s=2.0, max_retries=2,
+                backoff_base_s=0.01, backoff_max_s=0.05, concurrency=8)
+    args.update(kw)
+    return OpenAIRanker(**args)
+
+
+def test_faults_are_retried_boundedly_counted_and_do_not_spoil_the_batch(fake):
+    ranker = make(fake)
+    tags = ["ok-1", "FAULT=500", "FAULT=429", "FAULT=SLEEP", "FAULT=DROP", "FAULT=GARBAGE", "FAULT=FLAKY", "ok-2"]
+    fake.hits.clear()
+    out = ranker.rank([gen_request(t) for t in tags])
+    assert len(out) == len(tags)
+    by_tag = dict(zip(tags, out))
+    for tag in ("ok-1", "ok-2", "FAULT=FLAKY"):  # FLAKY: two 500s, then it answers
+        r = by_tag[tag]
+        assert not r.failed and r.order == [2, 1, 0] and r.coverage == 1.0
+    assert by_tag["FAULT=FLAKY"].retries == 2
+    for tag in ("FAULT=500", "FAULT=429", "FAULT=SLEEP", "FAULT=DROP", "FAULT=GARBAGE"):
+        r = by_tag[tag]
+        assert r.failed and r.order == [0, 1, 2] and r.retries == 2 and r.error
+        assert fake.hits[tag] == 3  # first attempt + max_retries, never more
+    usage = ranker.usage.snapshot()
+    assert usage.failures == 5 and usage.retries == 5 * 2 + 2 and usage.calls == len(tags)
+    assert ranker.usage.batches == 1
+
+
+def test_non_retryable_client_error_fails_at_once(fake):
+    ranker = make(fake)
+    fake.hits.clear()
+    r = ranker.rank([gen_request("FAULT=400")])[0]
+    assert r.failed and r.retries == 0 and "BadRequest" in r.error and fake.hits["FAULT=400"] == 1
+    assert ranker.usage.snapshot().failures == 1
+
+
+def test_score_mode_refused_when_the_server_gives_no_logprobs(fake):
+    ranker = make(fake, mode="score", template=lambda msgs: "ECHO=NONE " + msgs[-1]["content"] + "\n")
+    with pytest.raises(ScoreModeUnsupported, match="no prompt log-probs"):
+        ranker.rank([gen_request("x")])
+
+
+def test_score_mode_reads_a_correct_echo_directly(fake):
+    # The fake's echo is correct: -0.2 for " Paris" after the probe prompt, -1 for every other token.
+    ranker = make(fake, mode="score", template=lambda msgs: "Question: " + msgs[-1]["content"] + "\nAnswer:")
+    cands = ("Heat (1995)", "The Usual Suspects (1995)", "Se7en (1995)")
+    r = ranker.rank([RankRequest(({"role": "user", "content": "pick"},), cands)])[0]
+    assert ranker.echo_mode == "direct"
+    # Whitespace tokens of the fake: "(1995)" glued to the previous word, so Heat = 2 tokens, Usual Suspects = 4.
+    assert r.scores == [-2.0, -4.0, -2.0] and r.order == [0, 2, 1]
+
+
+# ------------------------------------------------------------------------------------- the real llama.cpp server
+
+@pytest.fixture(scope="session")
+def llama_server():
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed (make test installs llama-cpp-python[server]==0.3.36)")
+    from rpp.llm.local import gguf_path
+
+    server = LlamaServer(gguf_path("smollm2-135m-instruct"), alias="smollm2-135m-instruct").start(timeout_s=120)
+    yield server
+    server.stop()
+
+
+SHORT = RankRequest(
+    ({"role": "user", "content": "I loved Toy Story (1995) and Aladdin (1992). Which movie next? Title only."},),
+    ("Fargo (1996)", "Toy Story 2 (1999)", "Lion King, The (1994)", "Schindler's List (1993)"))
+
+
+@pytest.mark.llm
+@pytest.mark.server
+def test_real_server_score_mode_agrees_with_the_local_backend(llama_server):
+    """Same prompt, same candidates: llama.cpp on the Q4_1 weights vs torch on their fp32 dequantization.
+    The two differ in arithmetic (llama.cpp quantizes activations for its Q4_1 matmuls) and, for some titles,
+    in tokenization ("Toy" vs "T"+"oy"), so per-title sums may differ by up to ~1 nat; we require the same top
+    item and Kendall tau >= 0.6 over the 4 candidates (at most one swapped pair), and |diff| < 1.5 per title."""
+    from scipy.stats import kendalltau
+
+    from rpp.llm.local import LocalRanker
+
+    remote = OpenAIRanker(model="smollm2-135m-instruct", base_url=llama_server.base_url, mode="score",
+                          concurrency=2, timeout_s=120, max_retries=1)
+    r = remote.rank([SHORT])[0]
+    assert remote.echo_mode == "direct"  # chat prompts start with BOS, which realigns llama-cpp-python's echo
+    local = LocalRanker(mode="score", dtype="float32", threads=1).rank([SHORT])[0]
+    assert not r.failed and sorted(r.order) == [0, 1, 2, 3]
+    assert r.order[0] == local.order[0]
+    assert kendalltau(r.scores, local.scores).statistic >= 0.6
+    assert max(abs(a - b) for a, b in zip(r.scores, local.scores)) < 1.5
+
+
+@pytest.mark.server
+def test_real_server_plain_text_echo_is_detected_as_shifted_and_corrected(llama_server):
+    """Without a leading BOS, llama-cpp-python pairs each token with the NEXT distribution; the probe must see it,
+    and the corrected log-prob of an obvious continuation must be high."""
+    plain = OpenAIRanker(model="smollm2-135m-instruct", base_url=llama_server.base_url, mode="score",
+                         concurrency=2, timeout_s=120, max_retries=1,
+                         template=lambda msgs: "Q: " + msgs[-1]["content"] + "\nA: The capital of France is")
+    r = plain.rank([RankRequest(({"role": "user", "content": "What is the capital of France?"},),
+                                (" Paris", " Banana"))])[0]
+    assert plain.echo_mode == "shifted"
+    assert r.order == [0, 1] and r.scores[0] > -3.0 and r.scores[1] < r.scores[0] - 3.0
+
+
+@pytest.mark.server
+def test_real_server_generate_mode(llama_server):
+    ranker = OpenAIRanker(model="smollm2-135m-instruct", base_url=llama_server.base_url, mode="generate",
+                          max_new_tokens=40, timeout_s=120, max_retries=1, concurrency=2)
+    listing = "\n".join(f"{i}. {t}" for i, t in enumerate(SHORT.candidates, start=1))
+    req = RankRequest(({"role": "user", "content": f"Rank these movies for a Disney fan:\n{listing}"},),
+                      SHORT.candidates)
+    r = ranker.rank([req, req])
+    assert all(not x.failed and sorted(x.order) == [0, 1, 2, 3] and x.raw for x in r)
+    assert r[0].order == r[1].order  # temperature 0: deterministic
+    assert ranker.usage.snapshot().completion_tokens > 0
