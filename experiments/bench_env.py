@@ -9,7 +9,11 @@ the observations. The ranker call is timed inside StepCore (around `ranker.rank`
 The response cache is switched off so every step really runs the model (with the cache on, repeated steps cost
 almost nothing and the share is meaningless). Goal: overhead <= 10% of step time at 16 users per step.
 
-    .venv/bin/python experiments/bench_env.py --n-envs 16 --steps 6 --out experiments/results/env.md
+    .venv/bin/python experiments/bench_env.py --n-envs 16 --steps 2 --warmup 1 --set env.reward_baseline=none \
+        --out experiments/results/env.md
+
+(reward_baseline=none skips the task-wise baseline call at reset, which is outside the timed steps anyway; the
+step path is the same apart from one subtraction per user.)
 """
 from __future__ import annotations
 
@@ -56,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     def random_actions() -> np.ndarray:
         return rng.integers(0, venv.action_space.nvec, size=(venv.num_envs, len(core.nvec)))
 
+    load_before = os.getloadavg()[0]
     venv.reset()
     for _ in range(args.warmup):  # first-call costs (kernels, tokenizer caches) are not per-step costs
         venv.step(random_actions())
@@ -71,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         wall = time.perf_counter() - start
         per_step.append((wall, t.ranker_s + t.reset_ranker_s - before[0], t.encode_s - before[1]))
     step_calls = core.ranker.usage.batches - batches_before
+    load_after = os.getloadavg()[0]
     steps = np.array(per_step)
     overhead = steps[:, 0] - steps[:, 1]
     share = overhead.sum() / steps[:, 0].sum()
@@ -106,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
             f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}, "
             f"{torch.get_num_threads()} torch threads; ranker `{cfg.llm.model}` ({cfg.llm.backend}, "
             f"{cfg.llm.mode} mode, dtype {cfg.llm.dtype}); {cfg.data.n_candidates} candidates per user; "
-            f"default action set; seed {args.seed}.",
+            f"default action set; seed {args.seed}. 1-minute load average {load_before:.1f} before, "
+            f"{load_after:.1f} after (a load above the core count inflates both the ranker and the overhead "
+            "times; the share is the figure that transfers).",
             "",
             "| quantity | value |",
             "|---|---|",

@@ -174,14 +174,16 @@ DEFAULT_REFINE_INSTRUCTION = (
 )
 """The default RPP+ rewrite request. Fields: {purpose} (what the pattern's sentence is for), {user_summary}
 ("likes <top genres>; recently watched <titles>"), {sentence} (the chosen sentence with its placeholders filled)
-and {item_noun}. Written for SmolLM2-135M: short plain rules and one worked example, because without the example
-the model answers with the user summary or restates the instruction instead of a rewrite."""
+and {item_noun}. Written for SmolLM2-135M: short plain rules and one worked example; without the example the model
+mostly answered with the user summary or restated the instruction. It still copies the example's words at times
+("dark thrillers"), which the copies_instruction and wrong_genre guards reject."""
 
 
 class RefinerConfig(_Section):
     """RPP+ (rpp.prompts.refiner): a text generator, configured separately from the ranker, rewrites each chosen
     non-empty sentence for the user. A rewrite is used only if it passes the guards (non-empty, at most max_chars,
-    keeps every {placeholder}, adds no numbers, names no candidate, is no refusal or echo of the instruction);
+    keeps every {placeholder}, adds no numbers, names no candidate and no genre the user's summary lacks, is no
+    refusal or echo of the instruction);
     otherwise the original sentence is used and the rejection is counted by reason. Raw answers are cached in
     refinements.sqlite next to the response cache (the folder of llm.cache_path, default $RPP_CACHE);
     llm.cache: false (--no-cache) turns that cache off too."""

@@ -85,7 +85,15 @@ def test_a2c_trains_and_writes_a_complete_run_dir(tmp_path):
     for name in ("config.yaml", "actions.yaml", "metrics.jsonl", "usage.json", "learning_curve.png",
                  "ranker_check.json", "checkpoints/latest"):
         assert (run_dir / name).is_file(), name
-    assert list((run_dir / "tb").iterdir()), "no TensorBoard events"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for p in ("role", "history", "reasoning", "format"):  # each agent's distribution is logged separately
+        assert {f"agents/{p}/entropy", f"agents/{p}/p_argmax"} <= tags
+    assert len(events.Scalars("agents/role/entropy")) == 3  # one point per rollout (A2C too)
+    assert {"rollout/mean_reward", "rollout/mean_ndcg", "llm/calls", "llm/cache_hits", "llm/calls_per_s"} <= tags
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["timesteps"] for r in rows] == [8, 16, 24]  # 4 envs x 2 steps per rollout, 3 rollouts
     for r in rows:

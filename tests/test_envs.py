@@ -14,14 +14,13 @@ import pandas as pd
 import pytest
 
 from rpp.config import EncoderConfig, load_config
-from rpp.data import Dataset, split_users
+from rpp.data import Dataset
 from rpp.llm.base import Ranker, Ranking
 from rpp.metrics import ndcg_at_k
 from rpp.prompts import PATTERNS
 
-import rpp.envs  # noqa: F401  (registers the Gymnasium id)
-from rpp.envs import (
-    BatchedPromptVecEnv, PromptPersonalizationEnv, PromptPersonalizationParallelEnv, StateEncoder, StepCore,
+from rpp.envs import (  # importing rpp.envs registers the Gymnasium id
+    BatchedPromptVecEnv, PromptPersonalizationEnv, PromptPersonalizationParallelEnv, StateEncoder,
     UserStream, make_core,
 )
 

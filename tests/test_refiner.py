@@ -15,7 +15,7 @@ from rpp.llm.base import Ranker, Ranking, TextGenerator
 from rpp.prompts import PATTERNS, Action, UserContext
 from rpp.prompts.refiner import (
     REJECTION_REASONS, CandidateMatcher, RefinementCache, Refiner, clean_rewrite, judge_rewrite, make_refiner,
-    refinement_cache_path, templatize, title_variants, user_summary,
+    refinement_cache_path, templatize, title_variants, top_genres, user_summary,
 )
 
 
@@ -53,12 +53,14 @@ CTX = UserContext(
 
 ORIGINAL = "Infer the user's taste from these {item_noun_plural} and choose the {item_noun} that fits it best."
 GOOD = "Infer this thriller fan's taste from these {item_noun_plural} and choose the {item_noun} that fits it best."
-INSTRUCTION_PARTS = ("Rewrite one sentence of a movie recommendation prompt so that it suits this user better.",)
+INSTRUCTION_PARTS = ("Rewrite one sentence of a movie recommendation prompt so that it suits this user better.",
+                     "\nSentence: ", "\nAnswer:")
 
 
 def judge(raw, original=ORIGINAL, max_chars=300):
     return judge_rewrite(raw, original, max_chars=max_chars, candidates=CANDIDATES, instruction=INSTRUCTION_PARTS,
-                         user_summary=user_summary(CTX))
+                         user_summary=user_summary(CTX), known_genres=("Comedy", "Crime", "Horror", "Thriller"),
+                         user_genres=top_genres(CTX))
 
 
 def cfg_with(*overrides):
@@ -85,8 +87,10 @@ BAD_REWRITES = [
     ("Rewritten sentence:   ", "empty"),
     ("I'm sorry, but I cannot rewrite this sentence.", "refusal"),
     ("As an AI language model, I do not know this user.", "refusal"),
+    ("I'm ready to help you with your {item_noun} recommendation from these {item_noun_plural}.", "refusal"),
     ("Rewrite one sentence of a movie recommendation prompt so that it suits this user better.", "copies_instruction"),
     ("The user likes Thriller, Horror, Crime; recently watched Vertigo, Psycho, Alien.", "copies_instruction"),
+    ("Infer the user's taste from these {item_noun_plural} and choose the {item_noun}. Answer:", "copies_instruction"),
     ("Choose the {item_noun} that fits it best. " * 12, "too_long"),
     ("Infer the user's taste and choose the movie that fits it best.", "lost_placeholder"),
     ("Infer the user's taste from these {item_noun_plural} and pick the {item_noun} for {user_name}.",
@@ -103,6 +107,8 @@ BAD_REWRITES = [
      "names_candidate"),
     ("From these {item_noun_plural}, a {item_noun} like The Godfather fits this crime fan best.", "names_candidate"),
     ("From these {item_noun_plural}, the {item_noun} that fits best is surely Heat.", "names_candidate"),
+    ("Infer this fan of dark comedies' taste from these {item_noun_plural} and choose the {item_noun} that fits.",
+     "wrong_genre"),
 ]
 
 
@@ -123,8 +129,8 @@ def test_guard_accepts_good_rewrite_after_stripping_wrappers():
 
 def test_guard_accepts_genre_mentions_and_history_titles():
     """Naming liked genres or a history title is personalisation, not an echo or a leak."""
-    raw = "Since this user loved Vertigo and Psycho, infer their taste from these {item_noun_plural} and choose " \
-          "the {item_noun} that fits it best."
+    raw = "Since this user loved Vertigo and Psycho, infer their taste for thrillers and crime from these " \
+          "{item_noun_plural} and choose the {item_noun} that fits it best."
     assert judge(raw).accepted
 
 
@@ -169,6 +175,7 @@ def test_refiner_counts_each_rejection_by_reason_and_falls_back():
     reasons = list(bad)
     gen = ScriptedGenerator(lambda sentence, text: bad[reasons[int(re.search(r"#(\d+)", sentence).group(1))]])
     refiner = Refiner(cfg_with().refiner, gen, item_noun="movie")
+    refiner.known_genres.add("Comedy")  # the genre vocabulary normally grows from all users' histories
     chosen = [actions(reasoning=ORIGINAL + f" #{i}") for i in range(len(reasons))]
     out = refiner.refine([CTX] * len(reasons), [dict(c, role=Action("none", ""), history=Action(
         "h", "", {"window": 5})) for c in chosen], step=0)
@@ -203,8 +210,10 @@ def test_refiner_batches_one_call_skips_empty_and_roundtrips_placeholders():
     assert out[1]["history"] == actions()["history"].text
     verdict = refiner.last_verdicts[1]["history"]
     assert (verdict.reason, verdict.detail) == ("lost_placeholder", "n_history")
+    # ctx2's top genres (the summary's) are Crime, Drama, Horror: calling them a "thriller fan" is rejected
+    assert refiner.last_verdicts[1]["reasoning"].reason == "wrong_genre"
     stats = refiner.stats()
-    assert (stats["calls"], stats["requests"], stats["accepted"], stats["skipped_empty"]) == (1, 6, 5, 2)
+    assert (stats["calls"], stats["requests"], stats["accepted"], stats["skipped_empty"]) == (1, 6, 4, 2)
 
 
 def test_every_k_steps_refines_at_0_k_2k_only():

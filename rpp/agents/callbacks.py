@@ -107,7 +107,7 @@ class RolloutMetrics(BaseCallback):
                                                  "timesteps": int(self.num_timesteps)})
         if self.bar is not None:
             self.bar.set_postfix(reward=f"{row['mean_reward']:+.4f}", ndcg=f"{row['mean_ndcg']:.3f}",
-                                 calls_s=f"{row['calls_per_s']:.1f}")
+                                 calls_s=f"{row['calls_per_s']:.2f}")
 
     def _on_training_end(self) -> None:
         if self.bar is not None:

@@ -17,7 +17,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from rpp.agents.checkpoints import jsonable, latest_checkpoint, load_run_config, read_jsonl, write_json
+from rpp.agents.checkpoints import (
+    atomic_write_text, jsonable, latest_checkpoint, load_run_config, read_jsonl, write_json,
+)
 from rpp.agents.policy import PATTERNS
 from rpp.config import Config
 from rpp.llm.base import RankRequest
@@ -211,8 +213,6 @@ def _write_prompts(path: Path, records: list[dict], base_ranks: list[int], split
                     "taskwise_target_rank": rank,
                     "taskwise_metrics": {k: float(v[0]) for k, v in all_metrics([rank]).items()}}
                    for rec, rank in zip(records, base_ranks)]
-    from rpp.agents.checkpoints import atomic_write_text
-
     atomic_write_text(path, "".join(json.dumps(r, default=jsonable) + "\n" for r in rows))
 
 

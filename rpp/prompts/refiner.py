@@ -4,9 +4,10 @@ RPP limits every pattern (role, history, reasoning, format) to a small curated s
 generator rewrite the chosen sentence for the user at hand, so the final prompt is no longer limited to that set.
 A rewrite is a free-form LLM answer that goes straight into the ranking prompt, so it is only used when it passes
 guards (``judge_rewrite``): it must be non-empty, short, keep every ``{placeholder}`` of the original, add no new
-ones or numbers, not name any candidate item (that would leak the answer into the prompt), and be neither a refusal
-nor an echo of the instruction or the user summary. A rejected rewrite falls back to the original sentence and is
-counted by reason, so a weak refiner model degrades to plain RPP instead of corrupting the prompt.
+ones or numbers, not name any candidate item (that would leak the answer into the prompt), name no genre the user's
+summary does not list, and be neither a refusal (or assistant chatter) nor an echo of the instruction or the user
+summary. A rejected rewrite falls back to the original sentence and is counted by reason, so a weak refiner model
+degrades to plain RPP instead of corrupting the prompt.
 
 Cost control:
 - all users x patterns of one step go to the generator in ONE ``generate`` call;
@@ -16,6 +17,9 @@ Cost control:
   rendered messages, i.e. sentence + user summary + pattern purpose + instruction, and the sampling parameters).
   The guards run again on every use, because whether a rewrite leaks depends on the user's candidates, which are
   (deliberately) not part of the request.
+
+The model is shown each sentence with its placeholders filled ("the 15 movies"), and the answer is mapped back to a
+template (``templatize``), because a 135M model rewrites natural text far better than text with braces.
 
 The history pattern's sentence is refined like the others: its structured params (how many items, with or without
 ratings) still decide what history the builder shows; only the introducing sentence is rewritten, and the
@@ -52,7 +56,7 @@ REFINER_SYSTEM = "You are a helpful assistant."
 
 REJECTION_REASONS = (
     "generator_failed", "empty", "refusal", "copies_instruction", "too_long", "lost_placeholder",
-    "new_placeholder", "adds_number", "names_candidate",
+    "new_placeholder", "adds_number", "names_candidate", "wrong_genre",
 )
 """Every reason a rewrite can be rejected for, in the order the guards check them."""
 
@@ -153,7 +157,10 @@ class CandidateMatcher:
 _REFUSAL = re.compile(
     r"\b(i\s*(?:am|'m)\s+(?:sorry|unable|not able)|i\s+apologi[sz]e|as an ai\b|as a language model|"
     r"i\s+(?:cannot|can't|can not|won't|will not)\b|i\s+do(?:\s+not|n't)\s+have\s+(?:access|enough|information)|"
-    r"unfortunately,?\s+i\b|sorry,?\s+(?:but\s+)?i\b|i\s+need\s+more\s+information)",
+    r"unfortunately,?\s+i\b|sorry,?\s+(?:but\s+)?i\b|i\s+need\s+more\s+information|"
+    # assistant chatter instead of a sentence ("I'm ready to help you with your movie recommendation ...")
+    r"i\s*(?:am|'m)\s+(?:ready|here|happy|glad)\s+to\s+help|i(?:'d|\s+would|'ll|\s+will)\s+be\s+(?:happy|glad)\s+to|"
+    r"let\s+me\s+know\b)",
     re.IGNORECASE,
 )
 _LABEL_PREFIX = re.compile(
@@ -235,16 +242,26 @@ def templatize(text: str, template: str, values: Mapping[str, str]) -> str:
     return out
 
 
+_LABEL = re.compile(r"(?m)^\s*([A-Za-z][A-Za-z' ]{0,40}):")
+"""A line label of the instruction ("Sentence:", "Example answer:"); an answer that repeats one is filling in the
+instruction's form rather than answering (SmolLM2 ends answers with "... Answer:")."""
+
+
 def _echo(text: str, original: str, instruction: str | Sequence[str], summary: str) -> Optional[str]:
     """What the answer copies from the refiner's own prompt, or None.
 
-    The instruction (its fixed words and the pattern's purpose): any run of 5 words shared with it and not in the
-    original sentence is a copy; small models often answer with the instruction itself. The user summary: naming
+    The instruction (its fixed words and the pattern's purpose): any of its line labels ("Sentence:"), or any run of
+    5 words shared with it and not in the original sentence, is a copy; small models often answer with the
+    instruction itself. The user summary: naming
     a liked genre or a recent title is the personalisation we want, so only an answer that is mostly the summary
     (half or more of its words inside 4-word runs shared with it) counts as echoing it back."""
     tokens = normalize(text).split()
     own5, own4 = _ngrams(normalize(original).split(), 5), _ngrams(normalize(original).split(), 4)
     parts = [instruction] if isinstance(instruction, str) else list(instruction)
+    for label in sorted({m.group(1).strip() for part in parts for m in _LABEL.finditer(part)}):
+        label_re = rf"(?i)(?:^|\s){re.escape(label)}\s*:"
+        if re.search(label_re, text) and not re.search(label_re, original):
+            return f"instruction label: {label}:"
     inst5 = set().union(*(_ngrams(normalize(part).split(), 5) for part in parts)) if parts else set()
     shared = (_ngrams(tokens, 5) & inst5) - own5
     if shared:
@@ -259,15 +276,39 @@ def _echo(text: str, original: str, instruction: str | Sequence[str], summary: s
     return None
 
 
+def _genre_forms(genre: str) -> set[str]:
+    """Normalised ways to write a genre: "Comedy" -> {"comedy", "comedies"}, "Sci-Fi" -> {"sci fi", "sci fis"}."""
+    base = normalize(genre)
+    if not base:
+        return set()
+    plural = base[:-1] + "ies" if base.endswith("y") else base + "s"
+    return {base, plural}
+
+
+def wrong_genre(text: str, known: Iterable[str], allowed: Iterable[str]) -> Optional[str]:
+    """A known genre the text names although the user's summary does not list it (nor the original sentence),
+    or None. Small models copy genres from the instruction's example ("dark thrillers") into every rewrite, which
+    would tell the ranker about a taste the user does not have."""
+    padded = f" {normalize(text)} "
+    allowed_forms = set().union(*(_genre_forms(g) for g in allowed)) if allowed else set()
+    for genre in sorted(known):
+        forms = _genre_forms(genre) - allowed_forms
+        if any(f" {f} " in padded for f in forms):
+            return genre
+    return None
+
+
 def judge_rewrite(raw: Optional[str], original: str, *, max_chars: int,
                   candidates: CandidateMatcher | Iterable[str], instruction: str | Sequence[str] = "",
-                  user_summary: str = "", values: Optional[Mapping[str, str]] = None) -> Verdict:
+                  user_summary: str = "", values: Optional[Mapping[str, str]] = None,
+                  known_genres: Iterable[str] = (), user_genres: Iterable[str] = ()) -> Verdict:
     """Accept a model's rewrite of ``original``, or fall back to ``original`` with the reason.
 
     instruction: the refiner prompt's own words (the instruction's literal parts and the pattern's purpose);
     user_summary: the summary the model was shown. values: the placeholder values the model saw filled in (see
     ``templatize``); None when it saw the raw template. Numbers are allowed only when the original or the summary
     has them (a title like "Apollo 13"), so a rewrite cannot invent a count that contradicts the prompt.
+    known_genres/user_genres: a rewrite may name a genre only if it is one of the user's (or in the original).
     The accepted text is the templatized rewrite (placeholders restored)."""
     matcher = candidates if isinstance(candidates, CandidateMatcher) else CandidateMatcher(candidates)
 
@@ -302,6 +343,9 @@ def judge_rewrite(raw: Optional[str], original: str, *, max_chars: int,
     named = matcher.find(text)
     if named is not None:
         return reject("names_candidate", text, named)
+    genre = wrong_genre(text, known_genres, list(user_genres) + normalize(original).split())
+    if genre is not None:
+        return reject("wrong_genre", text, genre)
     return Verdict(text=text, accepted=True, cleaned=text)
 
 
@@ -324,17 +368,21 @@ def _short_title(title: str) -> str:
     return f"{m.group('art').capitalize()} {m.group('body')}" if m else base
 
 
+def top_genres(ctx: Any, n: int = 3) -> list[str]:
+    """The n most frequent genres of the user's history (ties by name, so it is deterministic)."""
+    counts: Counter = Counter()
+    for g in _field(ctx, "history_genres", "genres"):
+        counts.update([g] if isinstance(g, str) else list(g))
+    return [g for g, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]]
+
+
 def user_summary(ctx: Any, n_genres: int = 3, n_titles: int = 3) -> str:
     """A one-line description of the user for the refiner: the most frequent genres of the history (ties by
     name, so it is deterministic) and the most recent titles. Titles that equal a candidate's title (MovieLens
     has distinct items with the same title) are left out, so the summary itself never names a candidate."""
     titles = list(_field(ctx, "history_titles", "history"))
-    genres = list(_field(ctx, "history_genres", "genres"))
     candidate_titles = list(_field(ctx, "candidate_titles", "candidates"))
-    counts: Counter = Counter()
-    for g in genres:
-        counts.update([g] if isinstance(g, str) else list(g))
-    top = [g for g, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n_genres]]
+    top = top_genres(ctx, n_genres)
     forbidden = {normalize(t) for t in candidate_titles}
     recent = [t for t in reversed(titles) if normalize(t) not in forbidden][:n_titles]
     parts = []
@@ -439,6 +487,8 @@ class _Job:
     """The chosen action's text, placeholders unfilled."""
     values: dict
     summary: str
+    genres: list
+    """The user's top genres (the ones the summary names)."""
     matcher: CandidateMatcher
     messages: tuple = ()
     key: str = ""
@@ -471,6 +521,8 @@ class Refiner:
         self._instruction_parts = tuple(lit for lit, *_ in string.Formatter().parse(cfg.instruction) if lit.strip())
         self._lock = threading.Lock()
         self._stats = self._empty_stats()
+        self.known_genres: set[str] = set()
+        """Every genre seen in a context so far: the vocabulary of the wrong_genre guard."""
         self.last_verdicts: list[Optional[dict[str, Verdict]]] = []
         """Per user of the last refine() call: pattern -> Verdict (None on non-refining steps); for logs."""
 
@@ -521,6 +573,8 @@ class Refiner:
             out = {p: _action_text(a) for p, a in picks.items()}
             results.append(out)
             summary = user_summary(ctx)
+            for genres in _field(ctx, "history_genres", "genres"):
+                self.known_genres.update([genres] if isinstance(genres, str) else genres)
             matcher = CandidateMatcher(_field(ctx, "candidate_titles", "candidates"))
             values = placeholder_values(ctx, picks, self.item_noun)
             for pattern in self.patterns:
@@ -529,7 +583,7 @@ class Refiner:
                 if not out[pattern].strip():
                     skipped += 1  # "no role" stays empty: nothing to personalise, and a rewrite would invent one
                     continue
-                job = _Job(i, pattern, out[pattern], values, summary, matcher)
+                job = _Job(i, pattern, out[pattern], values, summary, top_genres(ctx), matcher)
                 job.messages = self.messages(fill_placeholders(job.template, values), pattern, summary)
                 job.key = RefinementCache.key(self.identity, job.messages, self.cfg.max_new_tokens,
                                               self.cfg.temperature)
@@ -562,7 +616,8 @@ class Refiner:
         for job in jobs:
             v = judge_rewrite(answers.get(job.key), job.template, max_chars=self.cfg.max_chars,
                               candidates=job.matcher, instruction=self._instruction_parts + (self._purpose(job.pattern),),
-                              user_summary=job.summary, values=job.values)
+                              user_summary=job.summary, values=job.values, known_genres=self.known_genres,
+                              user_genres=job.genres)
             verdicts[job.user][job.pattern] = v
             results[job.user][job.pattern] = v.text
         self.last_verdicts = verdicts
