@@ -270,20 +270,21 @@ class Config(_Section):
         Path(path).write_text(yaml.safe_dump(redact(self.to_dict()), sort_keys=False))
 
 
-_SECRET_HINTS = ("api_key", "token", "secret", "password")
+_SECRET_KEYS = {"api_key", "apikey", "token", "access_token", "auth_token", "secret", "password", "authorization"}
+
+
+def _is_secret_key(key: str) -> bool:
+    """Whole-name match (``max_new_tokens`` is not a secret); ``*_env`` keys hold variable NAMES, never secrets."""
+    key = key.lower()
+    if key.endswith("_env"):
+        return False
+    return key in _SECRET_KEYS or key.endswith(("_api_key", "_token", "_secret", "_password"))
 
 
 def redact(obj: Any) -> Any:
-    """Replace values of secret-looking keys (but not *_env, which hold variable names) by '***'."""
+    """Replace the values of secret-named keys by '***' (recursively)."""
     if isinstance(obj, dict):
-        out = {}
-        for k, v in obj.items():
-            key = str(k).lower()
-            if any(h in key for h in _SECRET_HINTS) and not key.endswith("_env") and v not in (None, ""):
-                out[k] = "***"
-            else:
-                out[k] = redact(v)
-        return out
+        return {k: "***" if _is_secret_key(str(k)) and v not in (None, "") else redact(v) for k, v in obj.items()}
     if isinstance(obj, list):
         return [redact(v) for v in obj]
     return obj

@@ -58,5 +58,6 @@ def test_saved_config_has_no_secrets(tmp_path, monkeypatch):
     text = out.read_text()
     assert "sk-test-secret" not in text
     assert yaml.safe_load(text)["llm"]["api_key_env"] == "OPENAI_API_KEY"
-    assert redact({"api_key": "abc", "api_key_env": "X", "nested": [{"token": "t"}]}) == {
-        "api_key": "***", "api_key_env": "X", "nested": [{"token": "***"}]}
+    assert redact({"api_key": "abc", "api_key_env": "X", "max_new_tokens": 5, "nested": [{"token": "t"}]}) == {
+        "api_key": "***", "api_key_env": "X", "max_new_tokens": 5, "nested": [{"token": "***"}]}
+    assert load_config(out).llm.max_new_tokens == cfg.llm.max_new_tokens
