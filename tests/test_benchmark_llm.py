@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 
 from rpp.benchmark import BenchmarkError, run_benchmark
-from rpp.benchmark.methods import BenchContext, EnumerationMethod, FixedPromptMethod
+from rpp.benchmark.methods import BenchContext, EnumerationMethod
 from rpp.benchmark.report import RUN_DEPENDENT_COLUMNS
 from rpp.config import load_config
-from rpp.data import load_ml100k, split_users
+from rpp.data import split_users
 from rpp.llm import CachedRanker, ResponseCache
 from rpp.llm.base import Ranker
 

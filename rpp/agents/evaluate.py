@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from rpp.agents.checkpoints import (
     atomic_write_text, jsonable, latest_checkpoint, load_run_config, read_jsonl, write_json,
@@ -38,8 +39,10 @@ def run_policy(policy, core, samples: Sequence, steps: int, batch_size: int) -> 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     records = []
+    bar = tqdm(total=len(samples), unit="user", desc=f"policy, {steps} step(s)", leave=False)
     for start in range(0, len(samples), batch_size):
         batch = list(samples[start:start + batch_size])
+        bar.update(len(batch))
         states, obs = core.reset(batch)
         infos: list[dict] = []
         for _ in range(steps):
@@ -59,6 +62,7 @@ def run_policy(policy, core, samples: Sequence, steps: int, batch_size: int) -> 
                 "metrics": dict(info["metrics"]),
                 "ranker_failed": bool(info.get("ranker_failed", False)),
             })
+    bar.close()
     return records
 
 
@@ -67,12 +71,15 @@ def taskwise_ranks(core, samples: Sequence, batch_size: int) -> list[int]:
     answer is reused)."""
     taskwise = core.builder.taskwise()
     ranks = []
+    bar = tqdm(total=len(samples), unit="user", desc="task-wise prompt", leave=False)
     for start in range(0, len(samples), batch_size):
         batch = list(samples[start:start + batch_size])
+        bar.update(len(batch))
         requests = [RankRequest(messages=core.builder.build(core.context(s), taskwise).messages,
                                 candidates=core.context(s).candidate_titles) for s in batch]
         for s, ranking in zip(batch, core.ranker.rank(requests)):
             ranks.append(target_rank(ranking.order, s.target_index))
+    bar.close()
     return ranks
 
 

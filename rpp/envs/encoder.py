@@ -49,7 +49,9 @@ def load_sentence_model(name: str):
         if key not in _MODELS:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
             from sentence_transformers import SentenceTransformer
+            from transformers.utils import logging as hf_logging
 
+            hf_logging.disable_progress_bar()
             model = SentenceTransformer(key, device="cpu")
             model.eval()
             _MODELS[key] = model

@@ -202,6 +202,9 @@ def load_tokenizer(name: str):
 def _load_folder(name: str, folder: Path, dtype: str, sha: str) -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a 1-second load needs no bar; rpp's own bars show the real work
 
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=getattr(torch, dtype))
