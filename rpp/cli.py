@@ -124,8 +124,9 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from rpp.agents import evaluate
 
-    overrides = ["llm.cache=false"] if args.no_cache else None
-    result = evaluate(args.run, split=args.split, steps=args.steps, n_users=args.users, cfg_overrides=overrides)
+    overrides = list(args.set or []) + (["llm.cache=false"] if args.no_cache else [])
+    result = evaluate(args.run, split=args.split, steps=args.steps, n_users=args.users,
+                      cfg_overrides=overrides or None)
     print(result.table())
     return 0
 
@@ -187,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["train", "val", "test"], default=None)
     p.add_argument("--steps", type=int, default=None, help="greedy steps per user (1 = one-shot)")
     p.add_argument("--users", type=int, default=None, help="evaluate the first N users of the split")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override a run-config key that does not change the policy's inputs (e.g. llm.threads)")
     p.add_argument("--no-cache", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 

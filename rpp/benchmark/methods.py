@@ -218,7 +218,8 @@ class FixedPromptMethod(Method):
         return self.ctx.rank_prompts(users, [self.chosen] * len(users), [refined] * len(users))
 
     def notes(self) -> str:
-        ids = ", ".join(f"{p}={self.chosen[p].id}" for p in PATTERN_ORDER)
+        ids = ", ".join(f"{p}={self.chosen[p].id}" + (" (own text)" if p in self.texts else "")
+                        for p in PATTERN_ORDER)
         extra = f"; {self.description}" if self.description else ""
         return f"actions {ids}{extra}"
 

@@ -142,7 +142,8 @@ def plot_ndcg(table: pd.DataFrame, reference: Optional[str], path: Path) -> None
     for yi, v in zip(y, t["ndcg@10"]):
         ax.text(v + 0.005, yi + 0.18, f"{v:.3f}", fontsize=7)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for f, c in colors.items() if f in set(t["family"])]
-    ax.legend(handles, [f for f in colors if f in set(t["family"])], fontsize=7, loc="lower right")
+    ax.legend(handles, [f for f in colors if f in set(t["family"])], fontsize=7, loc="upper left",
+              bbox_to_anchor=(1.01, 1.0))
     ax.set_title("NDCG@10 per method" + (f" (outlined: reference '{reference}')" if reference else ""), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

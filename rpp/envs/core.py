@@ -384,6 +384,16 @@ class SingleUserDriver:
         return obs[0], float(rewards[0]), self.core.truncated(self.state), infos[0]
 
 
+def core_or_make(core: "StepCore | None", cfg, split: str, ranker=None, refiner=None,
+                 owner: str = "the environment") -> "StepCore":
+    """The given core, or one built from a Config: the shared constructor logic of the env faces."""
+    if core is not None:
+        return core
+    if cfg is None:
+        raise ValueError(f"{owner} needs either a StepCore or a Config (cfg=...)")
+    return make_core(cfg, split, ranker=ranker, refiner=refiner)
+
+
 def make_core(cfg: Config, split: str, ranker: Ranker | None = None, encoder: StateEncoder | None = None,
               refiner=None) -> StepCore:
     """Everything a StepCore needs, from a Config: dataset, split users, action set, builder, encoder, ranker.

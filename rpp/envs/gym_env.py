@@ -13,7 +13,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from rpp.envs.core import SingleUserDriver, StepCore, make_core
+from rpp.envs.core import SingleUserDriver, StepCore, core_or_make
 
 
 class PromptPersonalizationEnv(gym.Env):
@@ -25,11 +25,7 @@ class PromptPersonalizationEnv(gym.Env):
     def __init__(self, core: StepCore | None = None, *, cfg=None, split: str = "train", ranker=None, refiner=None,
                  seed: Optional[int] = None) -> None:
         super().__init__()
-        if core is None:
-            if cfg is None:
-                raise ValueError("PromptPersonalizationEnv needs either a StepCore or a Config (cfg=...)")
-            core = make_core(cfg, split, ranker=ranker, refiner=refiner)
-        self.core = core
+        self.core = core = core_or_make(core, cfg, split, ranker, refiner, owner="PromptPersonalizationEnv")
         self.driver = SingleUserDriver(core, seed)
         self.observation_space = core.observation_space
         self.action_space = spaces.MultiDiscrete(core.nvec)

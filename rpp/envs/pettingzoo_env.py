@@ -12,7 +12,7 @@ import numpy as np
 from gymnasium import spaces
 from pettingzoo import ParallelEnv
 
-from rpp.envs.core import SingleUserDriver, StepCore, make_core
+from rpp.envs.core import SingleUserDriver, StepCore, core_or_make
 from rpp.prompts import PATTERNS
 
 
@@ -21,11 +21,8 @@ class PromptPersonalizationParallelEnv(ParallelEnv):
 
     def __init__(self, core: StepCore | None = None, *, cfg=None, split: str = "train", ranker=None, refiner=None,
                  seed: Optional[int] = None) -> None:
-        if core is None:
-            if cfg is None:
-                raise ValueError("PromptPersonalizationParallelEnv needs either a StepCore or a Config (cfg=...)")
-            core = make_core(cfg, split, ranker=ranker, refiner=refiner)
-        self.core = core
+        self.core = core = core_or_make(core, cfg, split, ranker, refiner,
+                                        owner="PromptPersonalizationParallelEnv")
         self.driver = SingleUserDriver(core, seed)
         self.possible_agents = list(PATTERNS)
         self.agents: list[str] = []
