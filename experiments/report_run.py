@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -79,8 +80,11 @@ def main() -> None:
         ent = "/".join(f"{r['entropy'][p]:.3f}" for p in ("role", "history", "reasoning", "format"))
         lines.append(f"| {r['rollout']} | {r['timesteps']} | {r['mean_reward']:+.4f} | {r['mean_ndcg']:.4f} | "
                      f"{r['mean_taskwise_ndcg']:.4f} | {ent} |")
-    lines += ["", "![learning curve](../../runs/" + run.name + "/learning_curve.png) (in the run directory; not committed)",
-              "", "## Evaluation on held-out users", ""]
+    curve = Path(args.out).with_name(f"{run.name}_learning_curve.png")
+    if (run / "learning_curve.png").exists():
+        shutil.copyfile(run / "learning_curve.png", curve)
+        lines += ["", f"![learning curve]({curve.name})"]
+    lines += ["", "## Evaluation on held-out users", ""]
     for ev in evals:
         lines += eval_section(ev)
     if args.note:

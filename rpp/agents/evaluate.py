@@ -138,6 +138,12 @@ class EvalResult:
         for p in PATTERNS:
             counts = self.action_counts[p]
             lines.append(f"  {p:9s} " + ", ".join(f"{aid} {n}" for aid, n in counts.items() if n))
+        if "refiner" in self.extra:
+            st = self.extra["refiner"]
+            lines.append(f"RPP+ refiner: {st.get('accepted', 0)} rewrites accepted "
+                         f"({st.get('accepted_unchanged', 0)} of them unchanged), rejected by reason "
+                         f"{st.get('rejected_by_reason', {})}, {st.get('requests', 0)} generation requests, "
+                         f"{st.get('cache_hits', 0)} from the cache")
         if self.ranker_check:
             lines.append(ranker_check_line(self.ranker_check))
         return "\n".join(lines)
@@ -208,6 +214,8 @@ def evaluate(run_dir: str | Path, split: Optional[str] = None, steps: Optional[i
         ranker_check=_read_json(run_dir / "ranker_check.json"),
         checkpoint=checkpoint.name,
     )
+    if core.refiner is not None:  # RPP+: how many rewrites were used, and why the others were not
+        result.extra["refiner"] = core.refiner.stats()
     write_json(run_dir / f"eval-{split}-T{steps}.json", result.to_dict())
     _write_prompts(run_dir / "prompts.jsonl", records, base_ranks, split, steps)
     return result
