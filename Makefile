@@ -13,7 +13,7 @@ demo: setup
 	$(PY) -m rpp.cli demo --config $(DEMO_CONFIG)
 
 test: setup $(SERVER)
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=15
 
 setup: $(DEPS) assets
 

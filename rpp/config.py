@@ -84,8 +84,11 @@ class LLMConfig(_Section):
     seed: int = 0
     bootstrap: int = Field(1, ge=1)
     """Rank B shuffled orders of the candidates and sum the scores (against position bias)."""
-    batch_size: int = Field(16, ge=1)
-    """local only: requests per forward pass."""
+    batch_size: int = Field(1, ge=1)
+    """local only: requests per forward pass. On CPU one is fastest: left-padding a batch to its longest prompt
+    costs more than batching saves (16 per pass measured 0.7x the speed of 16 single passes, see
+    experiments/results/ranker.md); raise it on a GPU. With one request per pass a score never depends on which
+    other requests shared its batch."""
     cache: bool = True
     """Cache responses on the full request in SQLite (a repeated request is free and identical)."""
     cache_path: Optional[str] = None
@@ -222,7 +225,12 @@ class BenchmarkConfig(_Section):
     )
     """Methods to compare; trained policies are added with `runs`."""
     runs: list[str] = Field(default_factory=list)
-    """Run directories of trained policies (each evaluated multi-step and one-shot)."""
+    """Run directories of trained policies (each evaluated multi-step and one-shot). A run trained with the RPP+
+    refiner (its refiner.enabled) is evaluated with its own refiner settings, in rows named rpp+[run]."""
+    rpp_plus_steps: list[int] = Field(default_factory=list)
+    """RPP+ rows for runs trained WITHOUT the refiner: each such run again, with the `refiner` section of this
+    config (enabled for these rows) rewriting its chosen sentences, for each episode length listed, e.g. [1].
+    Every refining step costs one generation per non-empty sentence per user."""
     enumeration_budget: int = Field(24, ge=1)
     """Prompt combinations tried on validation users (all of them when there are fewer)."""
     enumeration_val_users: int = Field(100, ge=1)

@@ -46,3 +46,15 @@ def smollm_ranker(tmp_path_factory, small_cfg):
     ranker = make_ranker(cfg)
     yield ranker
     ranker.close()
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: the small GRU agents train much faster single-threaded than fighting
+    over the machine's few shared cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -13,12 +13,12 @@ import signal
 import subprocess
 import sys
 import textwrap
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch as th
+from helpers import shuffled_target_rollouts
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
 
@@ -89,10 +89,10 @@ def test_ppo_changes_each_agents_action_distribution(llm_run):
 def test_evaluation_with_the_llm_and_target_shuffling(llm_run):
     """Greedy T-step evaluation next to the task-wise prompt; then, with every target moved to another slot,
     the same users get exactly the same actions, prompts and rankings (no label peeking)."""
-    from rpp.agents import evaluate, run_policy
+    from rpp.agents import evaluate
     from rpp.agents.checkpoints import latest_checkpoint, load_run_config
     from rpp.agents.serving import load_algorithm
-    from rpp.envs import StateEncoder, StepCore, make_core
+    from rpp.envs import StateEncoder, make_core
     from rpp.llm import make_ranker
 
     _, run_dir, _ = llm_run
@@ -113,15 +113,7 @@ def test_evaluation_with_the_llm_and_target_shuffling(llm_run):
     policy = load_algorithm(cfg, latest_checkpoint(run_dir)).policy
     ranker = make_ranker(cfg)
     core = make_core(cfg, "test", ranker=ranker, encoder=StateEncoder(cfg.encoder))
-    rng = np.random.default_rng(1)
-    shuffled = []
-    for s in core.samples:
-        slot = int(rng.choice([i for i in range(len(s.candidates)) if i != s.target_index]))
-        shuffled.append(replace(s, target=s.candidates[slot], target_index=slot))
-    core2 = StepCore(core.dataset, shuffled, core.builder, core.encoder, ranker, env_cfg=cfg.env,
-                     encoder_cfg=cfg.encoder, seed=cfg.seed)
-    a = run_policy(policy, core, core.samples, steps=2, batch_size=4)
-    b = run_policy(policy, core2, shuffled, steps=2, batch_size=4)
+    a, b = shuffled_target_rollouts(policy, core, steps=2, seed=1)
     ranker.close()
     assert [r["actions"] for r in a] == [r["actions"] for r in b]
     assert [r["ranking"] for r in a] == [r["ranking"] for r in b]

@@ -11,17 +11,10 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 
 from rpp.agents.policy import PATTERNS, FourAgentPolicy, PolicySpaceError, distribution_stats
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 K, D = 5, 16
 NVEC = [3, 2, 4, 2]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 shared cores: small GRUs are much faster single-threaded than fighting over threads
-    before = th.get_num_threads()
-    th.set_num_threads(1)
-    yield
-    th.set_num_threads(before)
 
 
 class TasteEnv(gym.Env):

@@ -11,10 +11,13 @@ import numpy as np
 import pytest
 import torch as th
 import yaml
+from helpers import shuffled_target_rollouts
 from stable_baselines3.common.callbacks import BaseCallback
 
 from rpp.config import ConfigError, load_config
 from rpp.llm.base import Ranker, Ranking
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class PromptHashRanker(Ranker):
@@ -45,13 +48,6 @@ class PresentedOrderRanker(Ranker):
         self.usage.record(out)
         return out
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = th.get_num_threads()
-    th.set_num_threads(1)
-    yield
-    th.set_num_threads(before)
 
 
 def tiny_cfg(tmp_path: Path, name: str, *extra: str):
@@ -151,12 +147,10 @@ def test_custom_action_set_with_7_roles_and_3_formats_trains_without_code_change
 
 def test_evaluation_never_reads_the_target(tmp_path):
     """Permuting every user's target among its candidates leaves each chosen action and each ranking unchanged."""
-    from dataclasses import replace
-
-    from rpp.agents import run_policy, train
+    from rpp.agents import train
     from rpp.agents.checkpoints import latest_checkpoint, load_run_config
     from rpp.agents.serving import load_algorithm
-    from rpp.envs import StateEncoder, StepCore, make_core
+    from rpp.envs import StateEncoder, make_core
 
     cfg = tiny_cfg(tmp_path, "shuffle", "train.total_steps=8")
     ranker = PromptHashRanker()
@@ -164,16 +158,7 @@ def test_evaluation_never_reads_the_target(tmp_path):
     run_cfg = load_run_config(run_dir)
     policy = load_algorithm(run_cfg, latest_checkpoint(run_dir)).policy
     core = make_core(run_cfg, "test", ranker=ranker, encoder=StateEncoder(run_cfg.encoder))
-    rng = np.random.default_rng(0)
-    shuffled = []
-    for s in core.samples:
-        slot = int(rng.choice([i for i in range(len(s.candidates)) if i != s.target_index]))
-        shuffled.append(replace(s, target=s.candidates[slot], target_index=slot))
-    # a fresh core for the shuffled users, so no cache inside the core can carry anything over
-    core2 = StepCore(core.dataset, shuffled, core.builder, core.encoder, ranker, env_cfg=run_cfg.env,
-                     encoder_cfg=run_cfg.encoder, seed=run_cfg.seed)
-    a = run_policy(policy, core, core.samples, steps=3, batch_size=4)
-    b = run_policy(policy, core2, shuffled, steps=3, batch_size=4)
+    a, b = shuffled_target_rollouts(policy, core, steps=3, seed=0)
     assert [r["actions"] for r in a] == [r["actions"] for r in b]
     assert [r["ranking_indices"] for r in a] == [r["ranking_indices"] for r in b]
     assert [r["prompt"] for r in a] == [r["prompt"] for r in b]

@@ -93,10 +93,24 @@ def test_two_runs_with_one_seed_give_identical_tables(smollm_ranker, tmp_path, c
     assert "Ranker sanity check" in report and "Reference for the paired tests" in report
 
 
-def test_trained_policy_rows_and_leak_check(smollm_ranker, tmp_path):
-    """Train a tiny real run, then benchmark it (multi-step and one-shot rows) on the run's own test users; a
-    benchmark whose test users were the run's training users is refused."""
+def test_trained_policy_rows_and_leak_check(smollm_ranker, tmp_path, monkeypatch):
+    """Train a tiny real run, then benchmark it (multi-step, one-shot and RPP+ one-shot rows) on the run's own
+    test users; a benchmark whose test users were the run's training users is refused."""
+    import re
+
+    import rpp.llm
     from rpp.agents import train
+    from rpp.llm.base import TextGenerator
+
+    class SentenceEcho(TextGenerator):
+        """A stand-in refiner model that appends ' Take your time.' to every sentence (a valid rewrite)."""
+        identity = "echo-generator"
+
+        def generate(self, prompts, max_new_tokens):
+            self.usage.record_calls(calls=len(prompts))
+            return [re.search(r"Sentence: (.*)\n", m[-1]["content"]).group(1) + " Take your time." for m in prompts]
+
+    monkeypatch.setattr(rpp.llm, "make_generator", lambda refiner_cfg: SentenceEcho())
 
     overrides = ["name=tiny", f"train.runs_dir={(tmp_path / 'runs').as_posix()}",
                  f"llm.cache_path={(tmp_path / 'cache.sqlite').as_posix()}",
@@ -107,13 +121,23 @@ def test_trained_policy_rows_and_leak_check(smollm_ranker, tmp_path):
     cfg = load_config(None, overrides + [
         f"benchmark.output_dir={(tmp_path / 'out').as_posix()}", "benchmark.methods=[taskwise]",
         f"benchmark.runs=[{run_dir.as_posix()}]", "benchmark.enumeration_val_users=2", "eval.n_bootstrap=200",
+        "benchmark.rpp_plus_steps=[1]",
     ])
     out = run_benchmark(cfg, ranker=smollm_ranker, progress=lambda m: None)
     t = pd.read_csv(out / "results.csv").set_index("method")
-    assert list(t.index) == ["taskwise", "rpp[tiny] T=2", "rpp[tiny] T=1"]
+    assert list(t.index) == ["taskwise", "rpp[tiny] T=2", "rpp[tiny] T=1", "rpp+[tiny] T=1"]
     assert t.loc["rpp[tiny] T=2", "infer_requests_per_user"] == 2.0
     assert t.loc["rpp[tiny] T=1", "infer_requests_per_user"] == 1.0
     assert t.loc["rpp[tiny] T=2", "train_requests"] > 0  # from the run's usage.json
+    # RPP+: same agents, one ranking request per user plus one generation per non-empty chosen sentence
+    plus = t.loc["rpp+[tiny] T=1"]
+    assert plus["infer_requests_per_user"] == 1.0
+    assert 1.0 <= plus["refine_requests_per_user"] <= 4.0
+    assert plus["refine_acceptance_rate"] == 1.0
+    assert pd.isna(t.loc["rpp[tiny] T=1", "refine_requests_per_user"])
+    report = (out / "report.md").read_text()
+    assert "## RPP+ refiner" in report and "| rpp+[tiny] T=1 |" in report
+    assert set(pd.read_csv(out / "per_user.csv")["method"]) == set(t.index)
     # the same run against a benchmark split where the run's training users are test users
     leaky = load_config(None, [o for o in overrides if not o.startswith("data.")] + [
         "data.n_train_users=0", "data.n_val_users=4", "data.n_test_users=12",

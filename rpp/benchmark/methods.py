@@ -176,6 +176,10 @@ class Method:
         """LLM usage spent before this benchmark (a trained policy's training run); None when there was none."""
         return None
 
+    def refiner_stats(self) -> Optional[dict]:
+        """RPP+ methods: the refiner's counts on the test users (rpp.prompts.refiner.Refiner.stats); else None."""
+        return None
+
 
 # ---------------------------------------------------------------------------------------------- LLM: fixed prompts
 
@@ -386,26 +390,35 @@ class RandomPolicyMethod(Method):
 
 class TrainedPolicyMethod(Method):
     """A trained four-agent policy from a run directory, acting greedily for `steps` steps per user (the last
-    step's ranking counts) on the benchmark's users, candidates and ranker (see rpp.benchmark.policies)."""
+    step's ranking counts) on the benchmark's users, candidates and ranker (see rpp.benchmark.policies).
+
+    refine: RPP+, the refiner rewrites the chosen sentences during the episode (the run's own refiner settings
+    if it was trained with one, else the benchmark config's `refiner` section)."""
 
     family = "policy"
     uses_llm = True
 
-    def __init__(self, ctx: BenchContext, name: str, run_dir: str, steps: int) -> None:
+    def __init__(self, ctx: BenchContext, name: str, run_dir: str, steps: int, refine: bool = False) -> None:
         super().__init__(ctx, name)
         self.run_dir = run_dir
         self.steps = int(steps)
+        self.refine = bool(refine)
         self._training_usage: Optional[dict] = None
+        self._refiner_stats: Optional[dict] = None
         self._notes: list[str] = []
 
     def rank(self, users: Sequence[UserSample]) -> list[Ranking]:
         from rpp.benchmark.policies import evaluate_policy
 
-        rankings, self._notes, self._training_usage = evaluate_policy(self.ctx, self.run_dir, users, self.steps)
+        rankings, self._notes, self._training_usage, self._refiner_stats = evaluate_policy(
+            self.ctx, self.run_dir, users, self.steps, refine=self.refine)
         return rankings
 
     def training_usage(self) -> Optional[dict]:
         return self._training_usage
+
+    def refiner_stats(self) -> Optional[dict]:
+        return self._refiner_stats
 
     def notes(self) -> str:
         extra = "".join(f"; {n}" for n in self._notes)
@@ -506,15 +519,35 @@ register("random")(lambda ctx: [RandomRankingMethod(ctx)])
 
 
 def policy_methods(ctx: BenchContext, run_dir: str) -> list[Method]:
-    """Each trained run is evaluated twice: multi-step (eval.steps) and one-shot (1 step, one call per user)."""
+    """Each trained run is evaluated twice: multi-step (eval.steps) and one-shot (1 step, one call per user).
+    A run trained with the refiner is RPP+ in every row; a plain run also gets the RPP+ rows of
+    benchmark.rpp_plus_steps (the same agents, with the benchmark's refiner rewriting their sentences)."""
     from pathlib import Path
 
     label = Path(run_dir).name or str(run_dir)
-    steps = ctx.cfg.eval.steps
-    methods = [TrainedPolicyMethod(ctx, f"rpp[{label}] T={steps}", run_dir, steps)]
-    if steps != 1:
-        methods.append(TrainedPolicyMethod(ctx, f"rpp[{label}] T=1", run_dir, 1))
+    trained_with_refiner = _run_uses_refiner(run_dir)
+    prefix = "rpp+" if trained_with_refiner else "rpp"
+    all_steps = list(dict.fromkeys([ctx.cfg.eval.steps, 1]))
+    methods: list[Method] = [TrainedPolicyMethod(ctx, f"{prefix}[{label}] T={t}", run_dir, t,
+                                                 refine=trained_with_refiner) for t in all_steps]
+    if not trained_with_refiner:
+        methods += [TrainedPolicyMethod(ctx, f"rpp+[{label}] T={t}", run_dir, t, refine=True)
+                    for t in dict.fromkeys(ctx.cfg.benchmark.rpp_plus_steps)]
     return methods
+
+
+def _run_uses_refiner(run_dir: str) -> bool:
+    """Whether the run was trained with refiner.enabled (read from its config.yaml; False when unreadable:
+    evaluate_policy then reports the real problem)."""
+    from pathlib import Path
+
+    import yaml
+
+    try:
+        saved = yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return False
+    return bool((saved.get("refiner") or {}).get("enabled", False))
 
 
 def build_methods(ctx: BenchContext, names: Sequence[str], runs: Sequence[str] = ()) -> list[Method]:

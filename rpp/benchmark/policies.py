@@ -42,8 +42,6 @@ def _check_compatible(run_dir: Path, run_cfg, ctx: BenchContext, users: Sequence
     if run_cfg.llm.mode != cfg.llm.mode:
         raise BenchmarkError(f"{run_dir}: llm.mode differs ({run_cfg.llm.mode} vs {cfg.llm.mode}): the prompt "
                              f"layout differs")
-    if run_cfg.refiner.enabled:
-        raise BenchmarkError(f"{run_dir}: RPP+ runs (refiner.enabled) are not supported by the benchmark yet")
     # the user check: rebuild the run's own split and make sure no benchmark test user was seen by the run
     run_split = split_users(ctx.dataset, run_cfg.data, run_cfg.seed)
     seen = {u.user for u in run_split.train + run_split.val}
@@ -73,14 +71,20 @@ def training_usage(run_dir: Path, run_cfg) -> Optional[dict]:
             "users": int(run_cfg.data.n_train_users)}
 
 
-def evaluate_policy(ctx: BenchContext, run_dir: str | Path, users: Sequence[UserSample], steps: int):
+def evaluate_policy(ctx: BenchContext, run_dir: str | Path, users: Sequence[UserSample], steps: int,
+                    refine: bool = False):
     """Greedy `steps`-step episodes of the run's latest checkpoint on `users`; the last step's ranking per user.
 
-    Returns (rankings, notes, training usage)."""
+    refine: RPP+, with a refiner in the step core: the run's own refiner settings when it was trained with one,
+    else the benchmark config's `refiner` section (enabled for this evaluation). The refiner's generator shares
+    the loaded weights with a local ranker of the same model.
+
+    Returns (rankings, notes, training usage, refiner stats or None)."""
     from rpp.agents import run_policy
     from rpp.agents.checkpoints import latest_checkpoint, load_run_config
     from rpp.agents.serving import load_algorithm
     from rpp.envs import StepCore
+    from rpp.prompts.refiner import make_refiner
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -95,18 +99,29 @@ def evaluate_policy(ctx: BenchContext, run_dir: str | Path, users: Sequence[User
     model = load_algorithm(run_cfg, checkpoint)
     env_cfg = ctx.cfg.env.model_copy(update={"reward_baseline": "none", "steps_per_episode": int(steps),
                                              "obs_candidates": run_cfg.env.obs_candidates})
+    refiner = None
+    if refine or run_cfg.refiner.enabled:
+        source = run_cfg.refiner if run_cfg.refiner.enabled else ctx.cfg.refiner
+        refiner = make_refiner(ctx.cfg.model_copy(update={"refiner": source.model_copy(update={"enabled": True})}))
+        notes.append(f"RPP+ refiner from the {'run' if run_cfg.refiner.enabled else 'benchmark'} config "
+                     f"({source.backend} `{source.model}`, every {source.every_k_steps} step(s))")
     core = StepCore(ctx.dataset, users, ctx.builder, ctx.encoder, ctx.ranker, env_cfg=env_cfg,
-                    encoder_cfg=ctx.cfg.encoder, seed=ctx.seed)
-    if list(model.action_space.nvec) != list(core.nvec):
-        raise BenchmarkError(f"{run_dir}: the policy has action sizes {list(model.action_space.nvec)}, the "
-                             f"benchmark's action set {list(core.nvec)}")
-    if tuple(model.observation_space.shape) != tuple(core.observation_space.shape):
-        raise BenchmarkError(f"{run_dir}: the policy observes {tuple(model.observation_space.shape)}, the "
-                             f"benchmark's core gives {tuple(core.observation_space.shape)} (n_candidates or "
-                             f"env.obs_candidates differ)")
-    from rpp.benchmark.methods import CHUNK_USERS
+                    encoder_cfg=ctx.cfg.encoder, seed=ctx.seed, refiner=refiner)
+    try:
+        if list(model.action_space.nvec) != list(core.nvec):
+            raise BenchmarkError(f"{run_dir}: the policy has action sizes {list(model.action_space.nvec)}, the "
+                                 f"benchmark's action set {list(core.nvec)}")
+        if tuple(model.observation_space.shape) != tuple(core.observation_space.shape):
+            raise BenchmarkError(f"{run_dir}: the policy observes {tuple(model.observation_space.shape)}, the "
+                                 f"benchmark's core gives {tuple(core.observation_space.shape)} (n_candidates or "
+                                 f"env.obs_candidates differ)")
+        from rpp.benchmark.methods import CHUNK_USERS
 
-    records = run_policy(model.policy, core, list(users), int(steps), CHUNK_USERS)
+        records = run_policy(model.policy, core, list(users), int(steps), CHUNK_USERS)
+        stats = refiner.stats() if refiner is not None else None
+    finally:
+        if refiner is not None:
+            refiner.close()
     rankings = [Ranking(order=list(r["ranking_indices"]), failed=bool(r["ranker_failed"])) for r in records]
     notes.append(f"checkpoint {checkpoint.name}")
-    return rankings, notes, training_usage(run_dir, run_cfg)
+    return rankings, notes, training_usage(run_dir, run_cfg), stats

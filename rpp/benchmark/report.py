@@ -60,6 +60,8 @@ class MethodResult:
     val_ndcg10: Optional[float] = None
     training_usage: Optional[dict] = None
     """A trained policy's own training-run usage (calls, tokens), read from its run directory."""
+    refiner: Optional[dict] = None
+    """RPP+ rows: the refiner's counts on the test users (rpp.prompts.refiner.Refiner.stats)."""
     metrics: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -97,6 +99,12 @@ def results_table(results: Sequence[MethodResult], reference: Optional[str], n_b
             "train_paid_calls": r.fit_usage.paid_calls, "train_cache_hits": r.fit_usage.cache_hits,
             "infer_paid_calls": r.infer_usage.paid_calls, "infer_cache_hits": r.infer_usage.cache_hits,
             "fit_s": r.fit_s, "rank_s": r.rank_s, "infer_s_per_user": r.rank_s / n if n else math.nan,
+        })
+        st = r.refiner or {}
+        row.update({  # RPP+ rows: the refiner's generation requests (model answers + cache answers) per user
+            "refine_requests_per_user": (st["requests"] + st["cache_hits"]) / n if st and n else math.nan,
+            "refine_acceptance_rate": st["acceptance_rate"] if st and st.get("acceptance_rate") is not None
+            else math.nan,
         })
         rows.append(row)
     return pd.DataFrame(rows)
@@ -242,3 +250,33 @@ def df_markdown(df: pd.DataFrame, digits: int = 3, index_name: str = "") -> str:
         lines.append("| " + " | ".join([str(idx)] + [_fmt(v, digits) if isinstance(v, (float, np.floating))
                                                      else str(v) for v in row.tolist()]) + " |")
     return "\n".join(lines)
+
+
+def refiner_markdown(results: Sequence[MethodResult]) -> list[str]:
+    """The RPP+ section: per refining row, how many rewrites were asked for, accepted and rejected (by reason),
+    and what they cost; empty when no row refined."""
+    rows = [r for r in results if r.refiner]
+    if not rows:
+        return []
+    reasons = sorted({k for r in rows for k in r.refiner["rejected_by_reason"]})
+    lines = ["## RPP+ refiner", "",
+             "Per RPP+ row, on the test users: `sentences` = chosen non-empty sentences the refiner was asked to "
+             "rewrite; `accepted` = rewrites that passed every guard and replaced the sentence (`unchanged`: equal "
+             "to the original up to case and punctuation); the other columns count rejections by reason (the "
+             "original sentence was used). `gen. req./user` = generation requests per user, cache answers "
+             "included (the cost on a cold cache); `s/gen.` = generator wall time per request the model answered.",
+             "",
+             "| method | sentences | accepted (unchanged) | acceptance | " + " | ".join(reasons)
+             + " | gen. req./user | s/gen. |",
+             "|" + "|".join(["---"] * (6 + len(reasons))) + "|"]
+    for r in rows:
+        st = r.refiner
+        n = len(r.ranks)
+        rate = st.get("acceptance_rate")
+        spr = st.get("s_per_request")
+        lines.append(
+            f"| {r.name} | {st['sentences']} | {st['accepted']} ({st['accepted_unchanged']}) | "
+            + (f"{100 * rate:.1f}%" if rate is not None else "-") + " | "
+            + " | ".join(str(st["rejected_by_reason"].get(k, 0)) for k in reasons)
+            + f" | {(st['requests'] + st['cache_hits']) / n:.2f} | " + (f"{spr:.2f}" if spr else "-") + " |")
+    return lines + [""]

@@ -26,7 +26,7 @@ import yaml
 from rpp.benchmark.methods import BenchContext, BenchmarkError, Method, build_methods, ranks_of
 from rpp.benchmark.report import (
     Meter, MethodResult, df_markdown, markdown_table, per_user_table, plot_ndcg, plot_position_bias,
-    results_table,
+    refiner_markdown, results_table,
 )
 from rpp.config import Config, redact
 from rpp.llm.base import Ranker, Ranking
@@ -146,7 +146,8 @@ def run_benchmark(cfg: Config, *, ranker: Optional[Ranker] = None, command: Opti
         res = MethodResult(name=m.name, family=m.family, notes=m.notes(), ranks=ranks,
                            failed=_failed_flags(rankings),
                            fit_usage=m1 - m0, infer_usage=m2 - m1, fit_s=t1 - t0, rank_s=t2 - t1,
-                           val_ndcg10=m.val_ndcg10, training_usage=m.training_usage())
+                           val_ndcg10=m.val_ndcg10, training_usage=m.training_usage(),
+                           refiner=m.refiner_stats())
         results.append(res)
         fitted.append(m)
         say(f"  {m.name:28s} NDCG@10 {res.metrics['ndcg@10'].mean():.4f}  "
@@ -242,6 +243,7 @@ def _write_markdown(out_dir: Path, cfg: Config, table, results: Sequence[MethodR
         "order). `wall s`: fit + rank time in this run (a warm response cache makes it much shorter).",
         "",
     ]
+    lines += refiner_markdown(results)
     lines += ["## Methods", ""]
     for r in results:
         lines.append(f"- **{r.name}** ({r.family}): {r.notes}")
