@@ -109,8 +109,11 @@ class BenchContext:
         call per chunk of CHUNK_USERS users."""
         if len(chosen) != len(users):
             raise ValueError(f"{len(chosen)} prompt choices for {len(users)} users")
+        from tqdm.auto import tqdm
+
         refined = list(refined) if refined is not None else [None] * len(users)
         out: list[Ranking] = []
+        bar = tqdm(total=len(users), unit="user", desc="ranking", leave=False, disable=len(users) <= CHUNK_USERS)
         for start in range(0, len(users), CHUNK_USERS):
             requests = []
             for i in range(start, min(start + CHUNK_USERS, len(users))):
@@ -121,6 +124,8 @@ class BenchContext:
             if len(rankings) != len(requests):
                 raise RuntimeError(f"ranker returned {len(rankings)} rankings for {len(requests)} requests")
             out.extend(rankings)
+            bar.update(len(requests))
+        bar.close()
         return out
 
 
