@@ -331,18 +331,26 @@ def _apply_override(data: dict, override: str) -> None:
     node[parts[-1]] = value
 
 
+def read_yaml_file(path: Path, error: type[Exception], what: str) -> Any:
+    """Parse a YAML file; a missing file, invalid YAML or a non-text file raises `error` naming the file and
+    what it was meant to be (shared by configs and action sets)."""
+    if not path.is_file():
+        raise error(f"{path}: {what} file not found")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise error(f"{path}: not valid YAML: {exc}") from None
+    except UnicodeDecodeError:
+        raise error(f"{path}: not a text file (cannot be read as UTF-8)") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config (or the defaults when path is None) and apply ``section.key=value`` overrides."""
     source = str(path) if path else "(defaults)"
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+        loaded = read_yaml_file(p, ConfigError, "config")
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -100,15 +100,6 @@ ENTRY_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,content,pattern,entry", ENTRY_CASES, ids=[c[0] for c in ENTRY_CASES])
-def test_malformed_entries_are_rejected_naming_file_pattern_and_entry(tmp_path, name, content, pattern, entry):
-    path = write(tmp_path, f"{name}.yaml", content)
-    with pytest.raises(ActionSetError) as err:
-        load_action_set(path)
-    msg = str(err.value)
-    assert str(path) in msg and f"pattern '{pattern}'" in msg and entry in msg, msg
-
-
 PATTERN_CASES = [
     ("missing_pattern", GOOD.split("format:")[0], "format", "missing"),
     ("empty_list", GOOD.replace('format:\n  - {id: none, text: ""}', "format: []"), "format", "empty list"),
@@ -119,8 +110,11 @@ PATTERN_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,content,pattern,problem", PATTERN_CASES, ids=[c[0] for c in PATTERN_CASES])
-def test_malformed_patterns_are_rejected_naming_file_and_pattern(tmp_path, name, content, pattern, problem):
+@pytest.mark.parametrize("name,content,pattern,problem", ENTRY_CASES + PATTERN_CASES,
+                         ids=[c[0] for c in ENTRY_CASES + PATTERN_CASES])
+def test_malformed_action_sets_are_rejected_naming_file_pattern_and_problem(tmp_path, name, content, pattern,
+                                                                              problem):
+    """Entry-level problems name the entry ("entry 1"); pattern-level ones say what is wrong with the pattern."""
     path = write(tmp_path, f"{name}.yaml", content)
     with pytest.raises(ActionSetError) as err:
         load_action_set(path)

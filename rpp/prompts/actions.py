@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
+from rpp.config import read_yaml_file
 
 PATTERNS = ("role", "history", "reasoning", "format")
 """The four prompt patterns, in the order of the MultiDiscrete action vector."""
@@ -106,15 +106,7 @@ def default_action_set_path() -> Path:
 def load_action_set(path: str | Path | None = None) -> ActionSet:
     """Load and validate an action-set file; None loads the curated default."""
     p = Path(path) if path is not None else default_action_set_path()
-    if not p.is_file():
-        raise ActionSetError(f"{p}: action-set file not found")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise ActionSetError(f"{p}: not valid YAML: {exc}") from None
-    except UnicodeDecodeError:
-        raise ActionSetError(f"{p}: not a text file (cannot be read as UTF-8)") from None
-    return parse_action_set(data, str(p))
+    return parse_action_set(read_yaml_file(p, ActionSetError, "action-set"), str(p))
 
 
 def parse_action_set(data: Any, source: str = "(in memory)") -> ActionSet:
