@@ -227,3 +227,47 @@ def test_serving_sees_what_the_environment_shows(tmp_path):
     bare = served.observation(["Toy Story (1995)"])
     assert not bare[1:].any() and bare[0].any()
     assert set(served.personalize(["Toy Story (1995)"]).action_ids) == {"role", "history", "reasoning", "format"}
+
+
+def test_rpp_plus_trains_and_evaluates_with_refined_sentences(tmp_path, monkeypatch):
+    """refiner.enabled: training logs each rollout's rewrite counts, the run's usage.json has the refiner's
+    totals, and evaluation writes the refined sentences to prompts.jsonl next to the original action ids."""
+    import re
+
+    import rpp.llm
+    from rpp.agents import evaluate, train
+    from rpp.llm.base import TextGenerator
+
+    class Personalizer(TextGenerator):
+        """Stand-in refiner model: appends a user-specific clause built from the summary in its prompt."""
+        identity = "test-personalizer"
+
+        def generate(self, prompts, max_new_tokens):
+            out = []
+            for messages in prompts:
+                text = messages[-1]["content"]
+                sentence = re.search(r"Sentence: (.*)\n", text).group(1)
+                out.append(sentence.rstrip(".:") + ", with this viewer's favourite genres in mind.")
+            self.usage.record_calls(calls=len(prompts))
+            return out
+
+    monkeypatch.setattr(rpp.llm, "make_generator", lambda refiner_cfg: Personalizer())
+    cfg = tiny_cfg(tmp_path, "plus", "refiner.enabled=true", "train.total_steps=16",
+                   f"llm.cache_path={tmp_path / 'cache' / 'responses.sqlite'}")
+    ranker = PromptHashRanker()
+    run_dir = train(cfg, ranker=ranker, progress=False)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["refiner"]["sentences"] > 0 for r in rows)
+    assert all(r["refiner"]["accepted"] == r["refiner"]["sentences"] for r in rows)
+    usage = json.loads((run_dir / "usage.json").read_text())
+    assert usage["refiner_this_session"]["accepted"] == sum(r["refiner"]["accepted"] for r in rows)
+    assert (tmp_path / "cache" / "refinements.sqlite").is_file()
+
+    result = evaluate(run_dir, steps=1, n_users=4, ranker=ranker)
+    assert result.extra["refiner"]["sentences"] > 0
+    records = [json.loads(line) for line in (run_dir / "prompts.jsonl").read_text().splitlines()]
+    refined = [(p, r["actions"][p], text) for r in records for p, text in r["texts"].items() if text]
+    assert refined and all(text.endswith("favourite genres in mind.") for _, _, text in refined)
+    # texts keep their {placeholders} (like action texts); the rendered prompt carries every refined sentence
+    assert all(r["prompt"].count("favourite genres in mind.") == sum(1 for t in r["texts"].values() if t)
+               for r in records)

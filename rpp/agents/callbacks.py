@@ -23,8 +23,11 @@ class RolloutMetrics(BaseCallback):
     LLM calls, cache hits and calls per second. Also keeps usage.json current and a tqdm bar live."""
 
     def __init__(self, run_dir: Path, ranker, action_ids: dict[str, list[str]], total_timesteps: int,
-                 usage_before: Optional[dict] = None, progress: bool = True):
+                 usage_before: Optional[dict] = None, progress: bool = True, refiner=None):
         super().__init__()
+        self.refiner = refiner
+        """RPP+: the step core's refiner; each rollout's row then has its rewrite counts."""
+        self._refiner_mark = refiner.stats() if refiner is not None else None
         self.run_dir = run_dir
         self.metrics_path = run_dir / "metrics.jsonl"
         self.ranker = ranker
@@ -44,6 +47,14 @@ class RolloutMetrics(BaseCallback):
         total = Usage(**self.usage_before.to_dict())
         total.add(self.ranker.usage.snapshot())
         return total
+
+    def usage_record(self, timesteps: int) -> dict:
+        """What usage.json holds: LLM usage over every session of the run, the timestep count, and for RPP+ runs
+        the refiner's counts of this session (process)."""
+        record = {"llm": self.usage_total().to_dict(), "timesteps": int(timesteps)}
+        if self.refiner is not None:
+            record["refiner_this_session"] = self.refiner.stats()
+        return record
 
     def _on_training_start(self) -> None:
         if self.progress:
@@ -87,6 +98,8 @@ class RolloutMetrics(BaseCallback):
             "calls_per_s": calls / wall if wall > 0 else 0.0,
             "wall_s": wall,
         }
+        if self.refiner is not None:
+            row["refiner"] = self._refiner_delta()
         self.last = row
         with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
@@ -103,11 +116,25 @@ class RolloutMetrics(BaseCallback):
         log.record("llm/calls", calls)
         log.record("llm/cache_hits", hits)
         log.record("llm/calls_per_s", row["calls_per_s"])
-        write_json(self.run_dir / "usage.json", {"llm": self.usage_total().to_dict(),
-                                                 "timesteps": int(self.num_timesteps)})
+        if self.refiner is not None:
+            r = row["refiner"]
+            log.record("refiner/acceptance_rate", r["accepted"] / r["sentences"] if r["sentences"] else 0.0)
+            log.record("refiner/generation_requests", r["requests"])
+        write_json(self.run_dir / "usage.json", self.usage_record(self.num_timesteps))
         if self.bar is not None:
             self.bar.set_postfix(reward=f"{row['mean_reward']:+.4f}", ndcg=f"{row['mean_ndcg']:.3f}",
                                  calls_s=f"{row['calls_per_s']:.2f}")
+
+    def _refiner_delta(self) -> dict:
+        """This rollout's rewrite counts (the refiner keeps running totals)."""
+        now = self.refiner.stats()
+        before = self._refiner_mark
+        self._refiner_mark = now
+        delta = {k: now[k] - before[k] for k in ("sentences", "accepted", "requests", "cache_hits")}
+        delta["rejected_by_reason"] = {k: v - before["rejected_by_reason"].get(k, 0)
+                                       for k, v in now["rejected_by_reason"].items()
+                                       if v - before["rejected_by_reason"].get(k, 0)}
+        return delta
 
     def _on_training_end(self) -> None:
         if self.bar is not None:

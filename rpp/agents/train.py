@@ -146,7 +146,8 @@ def train(cfg: Optional[Config], resume: str | Path | None = None,
 
         # ---- 7. learn --------------------------------------------------------------------------------------------
         action_ids = {p: [a.id for a in action_set.actions[p]] for p in PATTERNS}
-        metrics = RolloutMetrics(run_dir, ranker, action_ids, total_timesteps, usage_before, progress=progress)
+        metrics = RolloutMetrics(run_dir, ranker, action_ids, total_timesteps, usage_before, progress=progress,
+                                 refiner=env.core.refiner)
         checkpoints = ResumableCheckpoint(
             run_dir, steps_per_rollout, cfg.train.checkpoint_every, resumed_at=resumed_at,
             extra_state=lambda: {"env": env.get_state(), "usage": metrics.usage_total().to_dict()})
@@ -159,7 +160,7 @@ def train(cfg: Optional[Config], resume: str | Path | None = None,
         checkpoints.init_callback(model)
         checkpoints.save_now()
         usage = metrics.usage_total()
-        write_json(run_dir / "usage.json", {"llm": usage.to_dict(), "timesteps": int(model.num_timesteps)})
+        write_json(run_dir / "usage.json", metrics.usage_record(model.num_timesteps))
         plot_learning_curve(run_dir)
         rows = read_jsonl(run_dir / "metrics.jsonl")
         if rows:
