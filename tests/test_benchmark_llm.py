@@ -137,6 +137,7 @@ def test_trained_policy_rows_and_leak_check(smollm_ranker, tmp_path, monkeypatch
     assert pd.isna(t.loc["rpp[tiny] T=1", "refine_requests_per_user"])
     report = (out / "report.md").read_text()
     assert "## RPP+ refiner" in report and "| rpp+[tiny] T=1 |" in report
+    assert "| rpp[tiny] T=1 | rpp+[tiny] T=1 |" in report  # the paired RPP vs RPP+ line
     assert set(pd.read_csv(out / "per_user.csv")["method"]) == set(t.index)
     # the same run against a benchmark split where the run's training users are test users
     leaky = load_config(None, [o for o in overrides if not o.startswith("data.")] + [

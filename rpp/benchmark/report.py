@@ -279,4 +279,17 @@ def refiner_markdown(results: Sequence[MethodResult]) -> list[str]:
             + (f"{100 * rate:.1f}%" if rate is not None else "-") + " | "
             + " | ".join(str(st["rejected_by_reason"].get(k, 0)) for k in reasons)
             + f" | {(st['requests'] + st['cache_hits']) / n:.2f} | " + (f"{spr:.2f}" if spr else "-") + " |")
+    by_name = {r.name: r for r in results}
+    pairs = [(by_name[r.name.replace("rpp+[", "rpp[", 1)], r) for r in rows
+             if r.name.startswith("rpp+[") and r.name.replace("rpp+[", "rpp[", 1) in by_name]
+    if pairs:
+        lines += ["", "RPP vs RPP+ on the same users (the same agents; the RPP+ row has the refiner on):", "",
+                  "| RPP row | RPP+ row | NDCG@10 RPP | NDCG@10 RPP+ | diff | p (Wilcoxon) | sentences rewritten "
+                  "(accepted and different from the original) |", "|---|---|---|---|---|---|---|"]
+        for plain, plus in pairs:
+            t = paired_test(plus.metrics["ndcg@10"], plain.metrics["ndcg@10"])
+            changed = plus.refiner["accepted"] - plus.refiner["accepted_unchanged"]
+            lines.append(f"| {plain.name} | {plus.name} | {plain.metrics['ndcg@10'].mean():.4f} | "
+                         f"{plus.metrics['ndcg@10'].mean():.4f} | {t.mean_diff:+.4f} | {_pval(t.p_value)} | "
+                         f"{changed} of {plus.refiner['sentences']} |")
     return lines + [""]
