@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch as th
 import yaml
@@ -50,14 +51,15 @@ class PresentedOrderRanker(Ranker):
 
 
 
+_TINY_OVERRIDES = (
+    "data.n_train_users=8", "data.n_val_users=8", "data.n_test_users=6",
+    "env.n_envs=4", "env.steps_per_episode=2", "train.n_steps=2", "train.batch_size=8",
+    "train.hidden_size=16", "train.total_steps=24", "train.check_users=0", "train.learning_rate=0.003",
+)
+
+
 def tiny_cfg(tmp_path: Path, name: str, *extra: str):
-    return load_config(None, [
-        f"name={name}", f"train.runs_dir={tmp_path / 'runs'}",
-        "data.n_train_users=8", "data.n_val_users=8", "data.n_test_users=6",
-        "env.n_envs=4", "env.steps_per_episode=2", "train.n_steps=2", "train.batch_size=8",
-        "train.hidden_size=16", "train.total_steps=24", "train.check_users=0", "train.learning_rate=0.003",
-        *extra,
-    ])
+    return load_config(None, [f"name={name}", f"train.runs_dir={tmp_path / 'runs'}", *_TINY_OVERRIDES, *extra])
 
 
 class InitialParameters(BaseCallback):
@@ -271,3 +273,15 @@ def test_rpp_plus_trains_and_evaluates_with_refined_sentences(tmp_path, monkeypa
     # texts keep their {placeholders} (like action texts); the rendered prompt carries every refined sentence
     assert all(r["prompt"].count("favourite genres in mind.") == sum(1 for t in r["texts"].values() if t)
                for r in records)
+
+    # in the benchmark, a run trained with the refiner is RPP+ in every row, with its own refiner settings
+    from rpp.benchmark import run_benchmark
+
+    bench = load_config(None, [o for o in _TINY_OVERRIDES if o.startswith("data.") or o.startswith("env.")] + [
+        "name=bench-plus", f"llm.cache_path={tmp_path / 'cache' / 'responses.sqlite'}", "eval.steps=2",
+        f"benchmark.output_dir={tmp_path / 'out'}", "benchmark.methods=[]", f"benchmark.runs=[{run_dir}]",
+        "eval.n_bootstrap=100"])
+    out = run_benchmark(bench, ranker=ranker, progress=lambda m: None)
+    table = pd.read_csv(out / "results.csv").set_index("method")
+    assert list(table.index) == ["rpp+[plus] T=2", "rpp+[plus] T=1"]
+    assert (table["refine_acceptance_rate"] == 1.0).all() and (table["refine_requests_per_user"] > 0).all()
