@@ -529,8 +529,10 @@ def policy_methods(ctx: BenchContext, run_dir: str) -> list[Method]:
     benchmark.rpp_plus_steps (the same agents, with the benchmark's refiner rewriting their sentences)."""
     from pathlib import Path
 
+    from rpp.benchmark.policies import trained_with_refiner as _trained_with_refiner
+
     label = Path(run_dir).name or str(run_dir)
-    trained_with_refiner = _run_uses_refiner(run_dir)
+    trained_with_refiner = _trained_with_refiner(run_dir)
     prefix = "rpp+" if trained_with_refiner else "rpp"
     all_steps = list(dict.fromkeys([ctx.cfg.eval.steps, 1]))
     methods: list[Method] = [TrainedPolicyMethod(ctx, f"{prefix}[{label}] T={t}", run_dir, t,
@@ -539,20 +541,6 @@ def policy_methods(ctx: BenchContext, run_dir: str) -> list[Method]:
         methods += [TrainedPolicyMethod(ctx, f"rpp+[{label}] T={t}", run_dir, t, refine=True)
                     for t in dict.fromkeys(ctx.cfg.benchmark.rpp_plus_steps)]
     return methods
-
-
-def _run_uses_refiner(run_dir: str) -> bool:
-    """Whether the run was trained with refiner.enabled (read from its config.yaml; False when unreadable:
-    evaluate_policy then reports the real problem)."""
-    from pathlib import Path
-
-    import yaml
-
-    try:
-        saved = yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return False
-    return bool((saved.get("refiner") or {}).get("enabled", False))
 
 
 def build_methods(ctx: BenchContext, names: Sequence[str], runs: Sequence[str] = ()) -> list[Method]:

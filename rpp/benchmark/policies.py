@@ -71,17 +71,35 @@ def training_usage(run_dir: Path, run_cfg) -> Optional[dict]:
             "users": int(run_cfg.data.n_train_users)}
 
 
+def _load_run_config(run_dir: Path):
+    from rpp.agents.checkpoints import load_run_config
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # redacted keys fall back to defaults; irrelevant for acting
+        return load_run_config(run_dir)
+
+
+def trained_with_refiner(run_dir: str | Path) -> bool:
+    """Whether the run was trained with refiner.enabled (RPP+). False when its config cannot be read:
+    evaluate_policy then reports the real problem."""
+    try:
+        return bool(_load_run_config(Path(run_dir)).refiner.enabled)
+    except Exception:  # noqa: BLE001 - any unreadable run is reported by evaluate_policy, with context
+        return False
+
+
 def evaluate_policy(ctx: BenchContext, run_dir: str | Path, users: Sequence[UserSample], steps: int,
                     refine: bool = False):
     """Greedy `steps`-step episodes of the run's latest checkpoint on `users`; the last step's ranking per user.
 
     refine: RPP+, with a refiner in the step core: the run's own refiner settings when it was trained with one,
-    else the benchmark config's `refiner` section (enabled for this evaluation). The refiner's generator shares
+    else the benchmark config's `refiner` section (enabled for this evaluation). Which rows refine is decided
+    by rpp.benchmark.methods.policy_methods (every row of a run trained with the refiner does). The refiner's generator shares
     the loaded weights with a local ranker of the same model.
 
     Returns (rankings, notes, training usage, refiner stats or None)."""
     from rpp.agents import run_policy
-    from rpp.agents.checkpoints import latest_checkpoint, load_run_config
+    from rpp.agents.checkpoints import latest_checkpoint
     from rpp.agents.serving import load_algorithm
     from rpp.envs import StepCore
     from rpp.prompts.refiner import make_refiner
@@ -89,9 +107,7 @@ def evaluate_policy(ctx: BenchContext, run_dir: str | Path, users: Sequence[User
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise BenchmarkError(f"benchmark.runs: {run_dir} is not a run directory (no config.yaml)")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # redacted keys fall back to defaults; irrelevant for acting
-        run_cfg = load_run_config(run_dir)
+    run_cfg = _load_run_config(run_dir)
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
         raise BenchmarkError(f"benchmark.runs: {run_dir} has no checkpoint (train it first)")
@@ -100,7 +116,7 @@ def evaluate_policy(ctx: BenchContext, run_dir: str | Path, users: Sequence[User
     env_cfg = ctx.cfg.env.model_copy(update={"reward_baseline": "none", "steps_per_episode": int(steps),
                                              "obs_candidates": run_cfg.env.obs_candidates})
     refiner = None
-    if refine or run_cfg.refiner.enabled:
+    if refine:
         source = run_cfg.refiner if run_cfg.refiner.enabled else ctx.cfg.refiner
         refiner = make_refiner(ctx.cfg.model_copy(update={"refiner": source.model_copy(update={"enabled": True})}))
         notes.append(f"RPP+ refiner from the {'run' if run_cfg.refiner.enabled else 'benchmark'} config "

@@ -101,8 +101,8 @@ def results_table(results: Sequence[MethodResult], reference: Optional[str], n_b
             "fit_s": r.fit_s, "rank_s": r.rank_s, "infer_s_per_user": r.rank_s / n if n else math.nan,
         })
         st = r.refiner or {}
-        row.update({  # RPP+ rows: the refiner's generation requests (model answers + cache answers) per user
-            "refine_requests_per_user": (st["requests"] + st["cache_hits"]) / n if st and n else math.nan,
+        row.update({
+            "refine_requests_per_user": refine_requests_per_user(r) if st and n else math.nan,
             "refine_acceptance_rate": st["acceptance_rate"] if st and st.get("acceptance_rate") is not None
             else math.nan,
         })
@@ -252,6 +252,12 @@ def df_markdown(df: pd.DataFrame, digits: int = 3, index_name: str = "") -> str:
     return "\n".join(lines)
 
 
+def refine_requests_per_user(r: MethodResult) -> float:
+    """An RPP+ row's generation requests per test user, model answers and cache answers alike (the cost on a
+    cold cache, like the ranking request counts)."""
+    return (r.refiner["requests"] + r.refiner["cache_hits"]) / len(r.ranks)
+
+
 def refiner_markdown(results: Sequence[MethodResult]) -> list[str]:
     """The RPP+ section: per refining row, how many rewrites were asked for, accepted and rejected (by reason),
     and what they cost; empty when no row refined."""
@@ -271,14 +277,13 @@ def refiner_markdown(results: Sequence[MethodResult]) -> list[str]:
              "|" + "|".join(["---"] * (6 + len(reasons))) + "|"]
     for r in rows:
         st = r.refiner
-        n = len(r.ranks)
         rate = st.get("acceptance_rate")
         spr = st.get("s_per_request")
         lines.append(
             f"| {r.name} | {st['sentences']} | {st['accepted']} ({st['accepted_unchanged']}) | "
             + (f"{100 * rate:.1f}%" if rate is not None else "-") + " | "
             + " | ".join(str(st["rejected_by_reason"].get(k, 0)) for k in reasons)
-            + f" | {(st['requests'] + st['cache_hits']) / n:.2f} | " + (f"{spr:.2f}" if spr else "-") + " |")
+            + f" | {refine_requests_per_user(r):.2f} | " + (f"{spr:.2f}" if spr else "-") + " |")
     by_name = {r.name: r for r in results}
     pairs = [(by_name[r.name.replace("rpp+[", "rpp[", 1)], r) for r in rows
              if r.name.startswith("rpp+[") and r.name.replace("rpp+[", "rpp[", 1) in by_name]
