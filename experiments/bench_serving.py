@@ -1,0 +1,161 @@
+"""Score mode on servers vs the local backend; writes experiments/results/serving.md.
+
+Same users, same task-wise prompts (tests/vllm_server.py: taskwise_requests), the embedded SmolLM2 everywhere:
+  1. request shapes per server, on one user's 20 candidates: one request per candidate (text), one request with
+     all candidates as a prompt list (text), the same with token-id prompts, each with max_tokens 1 and 0; seconds,
+     and per-title log-prob sums against the local float32 backend (max |diff|, same order or not);
+  2. seconds per user through rpp (`OpenAIRanker`, score mode) at concurrency 1 and 8, next to the local backend.
+The servers: vLLM (float32, eager, from .venv-vllm: `make vllm`) and llama-cpp-python's server on the Q4_1 GGUF
+(`make server`). Run it alone on an idle machine; it starts and stops each server itself.
+
+    python experiments/bench_serving.py --users 3
+    python experiments/bench_serving.py --servers vllm --users 2 --concurrency 1 8
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import types
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from llm_server import LlamaServer  # noqa: E402
+from vllm_server import VllmServer, smollm2_float32_folder, taskwise_requests  # noqa: E402
+
+from rpp.llm.local import LocalRanker, gguf_path, load_model  # noqa: E402
+from rpp.llm.openai_backend import OpenAIRanker, title_logprobs  # noqa: E402
+
+MODEL = "smollm2-135m-instruct"
+SHAPES = [  # (name, one request for all candidates?, token ids?, max_tokens)
+    ("one request per candidate, text, max_tokens 1", False, False, 1),
+    ("one request per candidate, text, max_tokens 0", False, False, 0),
+    ("one request, prompt list of text, max_tokens 1", True, False, 1),
+    ("one request, prompt list of text, max_tokens 0", True, False, 0),
+    ("one request, prompt list of token ids, max_tokens 1", True, True, 1),
+]
+
+
+def shape_scores(client, req, shape, tokenizer, template) -> tuple[float, list[float]]:
+    """Seconds for all candidates of one request in this request shape, and the per-title log-prob sums."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, batched, token_ids, max_tokens = shape
+    prefix = template(req.messages)
+    prefix_ids = tokenizer(prefix, add_special_tokens=False).input_ids
+    texts = [prefix + t for t in req.candidates]
+    id_prompts = [prefix_ids + tokenizer(t, add_special_tokens=False).input_ids for t in req.candidates]
+    prompts = id_prompts if token_ids else texts
+    kw = dict(model=MODEL, echo=True, logprobs=1, max_tokens=max_tokens, temperature=0.0)
+    t0 = time.perf_counter()
+    if batched:
+        choices = sorted(client.completions.create(prompt=prompts, **kw).choices, key=lambda c: c.index)
+    else:
+        with ThreadPoolExecutor(8) as pool:
+            choices = [r.choices[0] for r in pool.map(lambda p: client.completions.create(prompt=p, **kw), prompts)]
+    seconds = time.perf_counter() - t0
+    sums = []
+    for choice, title, ids in zip(choices, req.candidates, id_prompts):
+        if token_ids:  # positions are known exactly: the title's tokens follow the prefix's
+            lps = choice.logprobs.token_logprobs[len(prefix_ids):len(ids)]
+        else:
+            lps, _ = title_logprobs(types.SimpleNamespace(choices=[choice]), title, "direct")
+        sums.append(float(sum(lps)))
+    return seconds, sums
+
+
+def order_of(scores: list[float]) -> list[int]:
+    return sorted(range(len(scores)), key=lambda i: -scores[i])
+
+
+def bench_shapes(name, base_url, req, local_sums, template, tokenizer) -> list[dict]:
+    import openai
+
+    client = openai.OpenAI(base_url=base_url, api_key="no-key-needed", max_retries=0, timeout=1800)
+    rows = []
+    for shape in SHAPES:
+        try:
+            seconds, sums = shape_scores(client, req, shape, tokenizer, template)
+        except Exception as exc:  # noqa: BLE001 - a shape the server refuses is a result too
+            rows.append({"server": name, "shape": shape[0], "error": f"{type(exc).__name__}: {str(exc)[:160]}"})
+            print(rows[-1], flush=True)
+            continue
+        diff = max(abs(a - b) for a, b in zip(sums, local_sums))
+        rows.append({"server": name, "shape": shape[0], "seconds": round(seconds, 2), "max_abs_diff": diff,
+                     "same_order": order_of(sums) == order_of(local_sums)})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def bench_rpp(name, base_url, requests, concurrency) -> dict:
+    ranker = OpenAIRanker(model=MODEL, base_url=base_url, mode="score", concurrency=concurrency, timeout_s=1800,
+                          max_retries=0)
+    ranker.echo_mode = ranker.probe()  # once, outside the timing
+    t0 = time.perf_counter()
+    out = ranker.rank(requests)
+    seconds = time.perf_counter() - t0
+    row = {"server": name, "concurrency": concurrency, "users": len(requests), "echo": ranker.echo_mode,
+           "s_per_user": round(seconds / len(requests), 2), "failures": sum(r.failed for r in out),
+           "orders": [r.order for r in out]}
+    print({k: v for k, v in row.items() if k != "orders"}, flush=True)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--users", type=int, default=3)
+    ap.add_argument("--servers", nargs="+", default=["local", "vllm", "llamacpp"],
+                    choices=["local", "vllm", "llamacpp"])
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--no-shapes", action="store_true", help="skip the request-shape comparison")
+    ap.add_argument("--llama-threads", type=int, default=2)
+    ap.add_argument("--out", default=str(ROOT / "experiments" / "results" / "serving.json"))
+    args = ap.parse_args()
+
+    requests = taskwise_requests(args.users)
+    loaded = load_model(MODEL, "float32")
+    local = LocalRanker(mode="score", dtype="float32")
+    t0 = time.perf_counter()
+    local_out = local.rank(requests)
+    local_s = (time.perf_counter() - t0) / len(requests)
+    local_sums = [list(r.scores) for r in local_out]
+    results = {"users": args.users, "prompt_tokens": [len(loaded.tokenizer.apply_chat_template(
+        list(r.messages), add_generation_prompt=True)) for r in requests],
+        "local": {"s_per_user": round(local_s, 2), "orders": [r.order for r in local_out]},
+        "shapes": [], "rpp": [], "startup_s": {}}
+    print("local", results["local"]["s_per_user"], "s/user", flush=True)
+    template = OpenAIRanker(model=MODEL, base_url="http://127.0.0.1:1/v1").template
+
+    for name in args.servers:
+        if name == "local":
+            continue
+        server = (VllmServer(smollm2_float32_folder()) if name == "vllm"
+                  else LlamaServer(gguf_path(MODEL), alias=MODEL, threads=args.llama_threads))
+        t0 = time.perf_counter()
+        server.start(timeout_s=600)
+        results["startup_s"][name] = round(time.perf_counter() - t0, 1)
+        try:
+            if not args.no_shapes:
+                results["shapes"] += bench_shapes(name, server.base_url, requests[0], local_sums[0], template,
+                                                  loaded.tokenizer)
+            for c in args.concurrency:
+                row = bench_rpp(name, server.base_url, requests, c)
+                row["same_orders_as_local"] = row.pop("orders") == results["local"]["orders"]
+                results["rpp"].append(row)
+        finally:
+            server.stop()
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
