@@ -107,3 +107,51 @@ def paired_test(a, b) -> PairedTest:
 def summarize(ranks, n_boot: int = 1000, seed: int = 0) -> dict[str, Estimate]:
     """Every metric's mean and 95% bootstrap CI for a set of per-user target ranks."""
     return {name: bootstrap_ci(vals, n_boot=n_boot, seed=seed) for name, vals in all_metrics(ranks).items()}
+
+
+CLEARLY_ABOVE_RANDOM = 0.02
+"""The ranker check asks for at least this much NDCG over a random order, with a CI of the gain above zero."""
+
+
+def random_ndcg(n_candidates: int, k: int) -> float:
+    """Expected NDCG@k of the target when a random order puts it at any of the n_candidates slots alike."""
+    if n_candidates < 1:
+        raise ValueError(f"n_candidates must be >= 1, got {n_candidates}")
+    return float(ndcg_at_k(np.arange(n_candidates), k).mean())
+
+
+@dataclass(frozen=True)
+class RandomCheck:
+    """Is a ranker clearly better than a random order on these users? (see ``check_above_random``)"""
+
+    metric: str
+    ranker: float
+    """mean NDCG@k of the ranker"""
+    random: float
+    """mean of each user's exact random expectation (per user, it depends only on the number of candidates)"""
+    gain: Estimate
+    """mean per-user (ranker - random expectation) with its percentile-bootstrap CI"""
+    threshold: float
+    passes: bool
+    """gain.low > 0 and gain.mean >= threshold"""
+
+
+def check_above_random(ranks, n_candidates, k: int = 10, n_boot: int = 1000, seed: int = 0,
+                       alpha: float = 0.05, threshold: float = CLEARLY_ABOVE_RANDOM) -> RandomCheck:
+    """The ranker sanity check shared by training (``rpp.agents.check_ranker``) and the benchmark.
+
+    Rewards from a ranker at chance level are noise, so a ranker must show a mean NDCG@k gain over the exact
+    random expectation whose (1 - alpha) bootstrap CI lies above 0, and a gain of at least ``threshold``. The
+    mean is what rewards and reports average; a signed-rank test against a constant tests a median instead,
+    which for the zero-inflated per-user NDCG passes chance-level rankers and misses better ones.
+
+    ranks: 0-based target ranks per user; n_candidates: one count for all users or one per user."""
+    values = ndcg_at_k(ranks, k)
+    counts = np.broadcast_to(np.asarray(n_candidates), values.shape)
+    if values.size == 0:
+        raise ValueError("the ranker check needs at least one user")
+    expected = {int(n): random_ndcg(int(n), k) for n in np.unique(counts)}
+    rnd = np.array([expected[int(n)] for n in counts])
+    gain = bootstrap_ci(values - rnd, n_boot=n_boot, alpha=alpha, seed=seed)
+    return RandomCheck(metric=f"ndcg@{k}", ranker=float(values.mean()), random=float(rnd.mean()), gain=gain,
+                       threshold=threshold, passes=bool(gain.low > 0 and gain.mean >= threshold))

@@ -6,6 +6,7 @@ Most tests drive the Refiner with ScriptedGenerator, a real TextGenerator whose 
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from rpp.llm.base import Ranker, Ranking, TextGenerator
 from rpp.prompts import PATTERNS, Action, UserContext
 from rpp.prompts.refiner import (
     REJECTION_REASONS, CandidateMatcher, RefinementCache, Refiner, clean_rewrite, judge_rewrite, make_refiner,
-    refinement_cache_path, templatize, title_variants, top_genres, user_summary,
+    placeholders, refinement_cache_path, templatize, title_variants, top_genres, user_summary,
 )
 
 
@@ -50,6 +51,9 @@ CTX = UserContext(
     history_genres=(("Crime", "Drama", "Thriller"), ("Horror", "Sci-Fi"), ("Horror", "Thriller"), ("Thriller",)),
     candidate_titles=CANDIDATES,
 )
+
+GENRES = ("Action", "Comedy", "Crime", "Drama", "Horror", "Sci-Fi", "Thriller")
+"""The genre vocabulary a Refiner is made with (make_refiner takes the dataset's)."""
 
 ORIGINAL = "Infer the user's taste from these {item_noun_plural} and choose the {item_noun} that fits it best."
 GOOD = "Infer this thriller fan's taste from these {item_noun_plural} and choose the {item_noun} that fits it best."
@@ -174,8 +178,7 @@ def test_refiner_counts_each_rejection_by_reason_and_falls_back():
     bad = {r: raw for raw, r in BAD_REWRITES}  # one bad answer per reason
     reasons = list(bad)
     gen = ScriptedGenerator(lambda sentence, text: bad[reasons[int(re.search(r"#(\d+)", sentence).group(1))]])
-    refiner = Refiner(cfg_with().refiner, gen, item_noun="movie")
-    refiner.known_genres.add("Comedy")  # the genre vocabulary normally grows from all users' histories
+    refiner = Refiner(cfg_with().refiner, gen, genres=GENRES, item_noun="movie")
     chosen = [actions(reasoning=ORIGINAL + f" #{i}") for i in range(len(reasons))]
     out = refiner.refine([CTX] * len(reasons), [dict(c, role=Action("none", ""), history=Action(
         "h", "", {"window": 5})) for c in chosen], step=0)
@@ -198,7 +201,7 @@ def test_refiner_batches_one_call_skips_empty_and_roundtrips_placeholders():
         return "You are an expert on movies and on suspense."
 
     gen = ScriptedGenerator(answer)
-    refiner = Refiner(cfg_with().refiner, gen, item_noun="movie")
+    refiner = Refiner(cfg_with().refiner, gen, genres=GENRES, item_noun="movie")
     ctx2 = UserContext(user=2, history_titles=CTX.history_titles[:2], history_ratings=(4.0, 4.0),
                        history_genres=CTX.history_genres[:2], candidate_titles=CANDIDATES)
     out = refiner.refine([CTX, ctx2], [actions(), actions()], step=0)
@@ -216,9 +219,39 @@ def test_refiner_batches_one_call_skips_empty_and_roundtrips_placeholders():
     assert (stats["calls"], stats["requests"], stats["accepted"], stats["skipped_empty"]) == (1, 6, 4, 2)
 
 
+def test_genre_verdict_does_not_depend_on_order_or_batch():
+    """The wrong_genre guard's vocabulary is the dataset's, fixed when the refiner is made: the same cached rewrite
+    gets the same verdict whether its user is refined alone, after a user who likes the genre, or in one batch."""
+    comedy_fan = UserContext(user=7, history_titles=("Airplane! (1980)",), history_ratings=(5.0,),
+                             history_genres=(("Comedy",),), candidate_titles=CANDIDATES)
+    rewrite = "Infer this fan of comedies' taste from these movies and choose the movie that fits it best."
+    gen = ScriptedGenerator(lambda s, t: rewrite if s.startswith("Infer") else s)
+
+    def verdict_for_ctx(*batches):
+        refiner = Refiner(cfg_with().refiner, gen, genres=GENRES, item_noun="movie")
+        for batch in batches:
+            refiner.refine(batch, [actions() for _ in batch], step=0)
+        return refiner.last_verdicts[-1]["reasoning"]
+
+    alone = verdict_for_ctx([CTX])
+    after_fan = verdict_for_ctx([comedy_fan], [CTX])
+    one_batch = verdict_for_ctx([comedy_fan, CTX])
+    assert (alone.reason, alone.detail) == ("wrong_genre", "Comedy")  # CTX likes Thriller, Horror, Crime
+    assert after_fan == alone == one_batch
+    assert verdict_for_ctx([CTX], [comedy_fan]).accepted  # the comedy fan may be called one
+
+
+def test_make_refiner_takes_the_genre_vocabulary_from_the_dataset(ml100k):
+    refiner = make_refiner(cfg_with("llm.cache=false"), generator=ScriptedGenerator(lambda s, t: GOOD))
+    expected = {g for item in ml100k.items["item"] for g in ml100k.genres(item)}
+    assert refiner.known_genres == expected and {"Film-Noir", "Western", "Sci-Fi"} <= expected
+    assert make_refiner(cfg_with("llm.cache=false"), generator=ScriptedGenerator(lambda s, t: GOOD),
+                        dataset=ml100k).known_genres == expected
+
+
 def test_every_k_steps_refines_at_0_k_2k_only():
     gen = ScriptedGenerator(lambda s, t: GOOD)
-    refiner = Refiner(cfg_with("refiner.every_k_steps=2").refiner, gen, item_noun="movie")
+    refiner = Refiner(cfg_with("refiner.every_k_steps=2").refiner, gen, genres=GENRES, item_noun="movie")
     got = [refiner.refine([CTX], [actions()], step) for step in range(5)]
     assert [g[0] is not None for g in got] == [True, False, True, False, True]
     assert len(gen.batches) == 3 and refiner.stats()["skipped_steps"] == 2
@@ -227,18 +260,19 @@ def test_every_k_steps_refines_at_0_k_2k_only():
 def test_cached_refinements_are_reused_without_calling_the_model(tmp_path):
     path = tmp_path / "refinements.sqlite"
     gen = ScriptedGenerator(lambda s, t: GOOD)
-    first = Refiner(cfg_with().refiner, gen, item_noun="movie", cache=RefinementCache(path))
+    first = Refiner(cfg_with().refiner, gen, genres=GENRES, item_noun="movie", cache=RefinementCache(path))
     out1 = first.refine([CTX], [actions()], 0)
     assert len(gen.batches) == 1
 
-    again = Refiner(cfg_with().refiner, gen, item_noun="movie", cache=RefinementCache(path))
+    again = Refiner(cfg_with().refiner, gen, genres=GENRES, item_noun="movie", cache=RefinementCache(path))
     out2 = again.refine([CTX], [actions()], 0)
     assert out2 == out1
     assert len(gen.batches) == 1, "a cached refinement must not call the model"
     assert again.stats()["cache_hits"] == 3 and again.stats()["calls"] == 0
 
     # the instruction and the sampling params are part of the key
-    other = Refiner(cfg_with("refiner.temperature=0.7").refiner, gen, item_noun="movie", cache=RefinementCache(path))
+    other = Refiner(cfg_with("refiner.temperature=0.7").refiner, gen, genres=GENRES, item_noun="movie",
+                    cache=RefinementCache(path))
     other.refine([CTX], [actions()], 0)
     assert len(gen.batches) == 2
 
@@ -246,7 +280,7 @@ def test_cached_refinements_are_reused_without_calling_the_model(tmp_path):
 def test_failed_generations_are_not_cached(tmp_path):
     gen = ScriptedGenerator(lambda s, t: None)
     cache = RefinementCache(tmp_path / "r.sqlite")
-    refiner = Refiner(cfg_with().refiner, gen, item_noun="movie", cache=cache)
+    refiner = Refiner(cfg_with().refiner, gen, genres=GENRES, item_noun="movie", cache=cache)
     refiner.refine([CTX], [actions()], 0)
     assert len(cache) == 0 and refiner.stats()["rejected_by_reason"]["generator_failed"] == 3
 
@@ -258,10 +292,10 @@ def test_guards_run_again_on_cached_answers(tmp_path):
     filled = answer.replace("{item_noun_plural}", "movies").replace("{item_noun}", "movie")
     gen = ScriptedGenerator(lambda s, t: filled if s.startswith("Infer") else s)
     path = tmp_path / "r.sqlite"
-    refiner = Refiner(cfg_with().refiner, gen, item_noun="movie", cache=RefinementCache(path))
+    refiner = Refiner(cfg_with().refiner, gen, genres=GENRES, item_noun="movie", cache=RefinementCache(path))
     assert refiner.refine([CTX], [actions()], 0)[0]["reasoning"] == answer
     leaky = UserContext(**{**CTX.__dict__, "candidate_titles": CANDIDATES + ("Jumanji (1995)",)})
-    again = Refiner(cfg_with().refiner, gen, item_noun="movie", cache=RefinementCache(path))
+    again = Refiner(cfg_with().refiner, gen, genres=GENRES, item_noun="movie", cache=RefinementCache(path))
     assert again.refine([leaky], [actions()], 0)[0]["reasoning"] == ORIGINAL
     assert again.stats()["rejected_by_reason"]["names_candidate"] == 1 and len(gen.batches) == 1
 
@@ -269,9 +303,9 @@ def test_guards_run_again_on_cached_answers(tmp_path):
 def test_bad_instruction_is_a_clear_error():
     gen = ScriptedGenerator(lambda s, t: GOOD)
     with pytest.raises(ValueError, match="unknown placeholder"):
-        Refiner(cfg_with("refiner.instruction='Rewrite {sentence} for {user_name}'").refiner, gen)
+        Refiner(cfg_with("refiner.instruction='Rewrite {sentence} for {user_name}'").refiner, gen, genres=GENRES)
     with pytest.raises(ValueError, match="must contain"):
-        Refiner(cfg_with("refiner.instruction='Rewrite it for {user_summary}'").refiner, gen)
+        Refiner(cfg_with("refiner.instruction='Rewrite it for {user_summary}'").refiner, gen, genres=GENRES)
 
 
 def test_make_refiner(tmp_path):
@@ -337,13 +371,24 @@ def test_real_smollm2_refiner_inside_an_episode(smollm_ranker, tmp_path):
     _, rewards, infos = core.step(states, acts)
     stats = refiner.stats()
     assert stats["calls"] == 1 and stats["requests"] == stats["sentences"] == 4 and stats["skipped_empty"] == 4
-    assert stats["accepted"] + stats["rejected"] == 4
-    for info, verdicts in zip(infos, refiner.last_verdicts):
+    judged = [v for verdicts in refiner.last_verdicts for v in verdicts.values()]
+    assert len(judged) == 4 and all(v.cleaned is not None for v in judged), "the model answered every request"
+    # the counts are the verdicts' (by reason), not just any split of 4
+    assert stats["accepted"] == sum(v.accepted for v in judged)
+    assert {r: n for r, n in stats["rejected_by_reason"].items() if n} == dict(Counter(
+        v.reason for v in judged if not v.accepted))
+    for user, info, verdicts in zip(core.samples[:2], infos, refiner.last_verdicts):
         assert set(info["refined"]) == set(PATTERNS)
+        titles = [core.dataset.title(c) for c in user.candidates]
         for pattern, verdict in verdicts.items():
+            original = core.action_set.action(pattern, info["action_indices"][PATTERNS.index(pattern)]).text
             assert info["refined"][pattern] == verdict.text
-            if not verdict.accepted:
-                assert verdict.reason in REJECTION_REASONS
+            if verdict.accepted:  # what reaches the prompt passed the guards: placeholders kept, no candidate
+                assert verdict.text == verdict.cleaned
+                assert placeholders(verdict.text) == placeholders(original)
+                assert CandidateMatcher(titles).find(verdict.text) is None
+            else:  # a rejected rewrite falls back to the original sentence, with a known reason
+                assert verdict.text == original and verdict.reason in REJECTION_REASONS
     assert np.all(np.isfinite(rewards))
     _, _, infos2 = core.step(states, acts)
     assert refiner.stats()["calls"] == 1 and [i["refined"] for i in infos2] == [i["refined"] for i in infos]

@@ -24,11 +24,8 @@ from rpp.agents.checkpoints import (
 from rpp.agents.policy import PATTERNS
 from rpp.config import Config
 from rpp.llm.base import RankRequest
-from rpp.metrics import METRIC_NAMES, Estimate, PairedTest, all_metrics, bootstrap_ci, paired_test, summarize, \
-    target_rank
-
-CLEARLY_ABOVE_RANDOM = 0.02
-"""The ranker check asks for at least this much NDCG@10 over a random order, with a CI above zero."""
+from rpp.metrics import CLEARLY_ABOVE_RANDOM, METRIC_NAMES, Estimate, PairedTest, all_metrics, check_above_random, \
+    paired_test, summarize, target_rank
 
 
 # ------------------------------------------------------------------------------------------------ policy rollouts
@@ -242,17 +239,6 @@ def random_expectation(n_candidates: int) -> dict[str, float]:
     return {m: float(v.mean()) for m, v in all_metrics(np.arange(n_candidates)).items()}
 
 
-def popularity_ranks(samples: Sequence, train_interactions) -> list[int]:
-    """Target ranks when candidates are ordered by their interaction count in the training interactions (every
-    user's held-out item excluded); ties keep the presented order (the target's slot is random)."""
-    counts = train_interactions["item"].value_counts().to_dict()
-    ranks = []
-    for s in samples:
-        order = sorted(range(len(s.candidates)), key=lambda i: (-counts.get(s.candidates[i], 0), i))
-        ranks.append(target_rank(order, s.target_index))
-    return ranks
-
-
 def check_ranker(cfg: Config, core_or_ranker=None, run_dir: str | Path | None = None,
                  n_users: Optional[int] = None, quiet: bool = False) -> dict:
     """Is the configured ranker clearly better than chance on validation users, with the task-wise prompt?
@@ -262,6 +248,7 @@ def check_ranker(cfg: Config, core_or_ranker=None, run_dir: str | Path | None = 
     when the ranker is not clearly above random (CI of the difference includes 0, or the gain is under +0.02);
     writes ranker_check.json into run_dir when given. core_or_ranker: a StepCore over the val split, a Ranker, or
     None (the configured ranker is loaded)."""
+    from rpp.benchmark.classic import PopularityScorer
     from rpp.data import split_users
     from rpp.envs import StepCore, make_core
     from rpp.llm.base import Ranker
@@ -281,15 +268,17 @@ def check_ranker(cfg: Config, core_or_ranker=None, run_dir: str | Path | None = 
     ranks = taskwise_ranks(core, samples, max(cfg.env.n_envs, cfg.llm.batch_size))
     after = core.ranker.usage.snapshot()
     split = split_users(core.dataset, cfg.data, cfg.seed)
-    pop_ranks = popularity_ranks(samples, split.train_interactions)
+    pop_ranks = [target_rank(order, s.target_index)
+                 for order, s in zip(PopularityScorer(split.train_interactions).rank(samples), samples)]
 
     k = cfg.env.reward_k
     ndcg_name = f"ndcg@{k}" if f"ndcg@{k}" in METRIC_NAMES else "ndcg@10"
     ranker_values = all_metrics(ranks)
     random_per_user = {m: np.array([random_expectation(len(s.candidates))[m] for s in samples])
                        for m in METRIC_NAMES}
-    diff = bootstrap_ci(ranker_values[ndcg_name] - random_per_user[ndcg_name], seed=cfg.seed)
-    clearly = bool(diff.low > 0 and diff.mean >= CLEARLY_ABOVE_RANDOM)
+    check = check_above_random(ranks, [len(s.candidates) for s in samples], k=int(ndcg_name.split("@")[1]),
+                               n_boot=cfg.eval.n_bootstrap, seed=cfg.seed)
+    diff, clearly = check.gain, check.passes
     pop_values = all_metrics(pop_ranks)
     report = {
         "split": "val", "n_users": len(samples),

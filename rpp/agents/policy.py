@@ -32,8 +32,7 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.torch_layers import FlattenExtractor
 from torch import nn
 
-PATTERNS = ("role", "history", "reasoning", "format")
-"""Agent names in action-vector order (the same order as rpp.prompts.PATTERNS)."""
+from rpp.prompts.actions import PATTERNS  # the agents, in action-vector order
 
 
 class PolicySpaceError(ValueError):

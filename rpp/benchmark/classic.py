@@ -14,13 +14,7 @@ import pandas as pd
 
 from rpp.data import UserSample
 from rpp.data.split import user_seed
-
-
-def order_by_scores(scores: Sequence[float]) -> list[int]:
-    """Candidate indices by descending score; ties keep the presented order (a stable sort), so the result is a
-    deterministic permutation and a method never profits from the slot the target happens to sit in."""
-    s = np.asarray(scores, dtype=np.float64)
-    return np.argsort(-s, kind="stable").tolist()
+from rpp.llm.parsing import order_from_scores
 
 
 class PopularityScorer:
@@ -32,7 +26,7 @@ class PopularityScorer:
         self.counts = train_interactions["item"].value_counts().to_dict()
 
     def rank(self, users: Sequence[UserSample]) -> list[list[int]]:
-        return [order_by_scores([self.counts.get(i, 0) for i in u.candidates]) for u in users]
+        return [order_from_scores([self.counts.get(i, 0) for i in u.candidates]) for u in users]
 
 
 class BPRScorer:
@@ -83,7 +77,7 @@ class BPRScorer:
         return out
 
     def rank(self, users: Sequence[UserSample]) -> list[list[int]]:
-        return [order_by_scores(self.scores(u)) for u in users]
+        return [order_from_scores(self.scores(u)) for u in users]
 
 
 def random_orders(users: Sequence[UserSample], seed: int) -> list[list[int]]:

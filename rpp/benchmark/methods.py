@@ -24,10 +24,9 @@ from rpp.data import Dataset, UserSample
 from rpp.data.split import user_seed
 from rpp.llm.base import Ranker, Ranking, RankRequest
 from rpp.metrics import ndcg_at_k, target_rank
+from rpp.prompts.actions import PATTERNS
 
 RankOutput = Union[Ranking, Sequence[int]]
-PATTERN_ORDER = ("role", "history", "reasoning", "format")
-"""The same order as rpp.prompts.PATTERNS (repeated so the classic methods do not import the prompt stack)."""
 
 CHUNK_USERS = 64
 """Users per ranker.rank call. The local backend batches inside a call by llm.batch_size; chunking only bounds
@@ -228,7 +227,7 @@ class FixedPromptMethod(Method):
 
     def notes(self) -> str:
         ids = ", ".join(f"{p}={self.chosen[p].id}" + (" (own text)" if p in self.texts else "")
-                        for p in PATTERN_ORDER)
+                        for p in PATTERNS)
         extra = f"; {self.description}" if self.description else ""
         return f"actions {ids}{extra}"
 
@@ -283,7 +282,7 @@ class EnumerationMethod(Method):
         action_set = self.ctx.builder.action_set
         sizes = action_set.sizes()
         taskwise = self.ctx.builder.taskwise()
-        tw = tuple(action_set.index(p, taskwise[p].id) for p in PATTERN_ORDER)
+        tw = tuple(action_set.index(p, taskwise[p].id) for p in PATTERNS)
         self.total_combinations = int(np.prod(sizes))
         budget = self.ctx.cfg.benchmark.enumeration_budget
         if self.total_combinations <= budget:
@@ -303,7 +302,7 @@ class EnumerationMethod(Method):
 
     def _chosen(self, combo: tuple[int, ...]) -> dict:
         action_set = self.ctx.builder.action_set
-        return {p: action_set.action(p, i) for p, i in zip(PATTERN_ORDER, combo)}
+        return {p: action_set.action(p, i) for p, i in zip(PATTERNS, combo)}
 
     def fit(self) -> None:
         users = self.ctx.fit_users
@@ -328,7 +327,7 @@ class EnumerationMethod(Method):
 
     def describe(self, combo: tuple[int, ...]) -> str:
         chosen = self._chosen(combo)
-        return ", ".join(f"{p}={chosen[p].id}" for p in PATTERN_ORDER)
+        return ", ".join(f"{p}={chosen[p].id}" for p in PATTERNS)
 
     def notes(self) -> str:
         if self.best is None:

@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 from rpp.benchmark.methods import BenchContext, BenchmarkError
 from rpp.data import UserSample
 from rpp.llm.base import Ranking
+from rpp.prompts.actions import PATTERNS
 
 
 def _check_compatible(run_dir: Path, run_cfg, ctx: BenchContext, users: Sequence[UserSample]) -> list[str]:
@@ -27,7 +28,7 @@ def _check_compatible(run_dir: Path, run_cfg, ctx: BenchContext, users: Sequence
     cfg = ctx.cfg
     run_actions = load_action_set(run_cfg.prompt.action_spaces)
     bench_actions = ctx.builder.action_set
-    for p in ("role", "history", "reasoning", "format"):
+    for p in PATTERNS:
         ours = [(a.id, a.text) for a in bench_actions.actions[p]]
         theirs = [(a.id, a.text) for a in run_actions.actions[p]]
         if ours != theirs:
@@ -118,7 +119,8 @@ def evaluate_policy(ctx: BenchContext, run_dir: str | Path, users: Sequence[User
     refiner = None
     if refine:
         source = run_cfg.refiner if run_cfg.refiner.enabled else ctx.cfg.refiner
-        refiner = make_refiner(ctx.cfg.model_copy(update={"refiner": source.model_copy(update={"enabled": True})}))
+        refiner = make_refiner(ctx.cfg.model_copy(update={"refiner": source.model_copy(update={"enabled": True})}),
+                               dataset=ctx.dataset)
         notes.append(f"RPP+ refiner from the {'run' if run_cfg.refiner.enabled else 'benchmark'} config "
                      f"({source.backend} `{source.model}`, every {source.every_k_steps} step(s))")
     core = StepCore(ctx.dataset, users, ctx.builder, ctx.encoder, ctx.ranker, env_cfg=env_cfg,

@@ -30,7 +30,7 @@ from rpp.benchmark.report import (
 )
 from rpp.config import Config, redact
 from rpp.llm.base import Ranker, Ranking
-from rpp.metrics import bootstrap_ci, ndcg_at_k, paired_test
+from rpp.metrics import bootstrap_ci, check_above_random, ndcg_at_k, paired_test
 
 
 
@@ -182,24 +182,24 @@ def _choose_reference(methods: Sequence[Method]) -> Optional[Method]:
 def _sanity_check(ctx: BenchContext, reference: Optional[Method], cfg: Config) -> Optional[dict]:
     """Does the reference prompt's ranker beat random and popularity on the validation users? Rewards from a
     ranker at chance level are noise, so every result is reported with this check (reusing the validation ranks
-    the reference already computed: no extra LLM calls). Random is its exact per-user expectation (a sampled
-    random order on a hundred users would add its own noise to the check)."""
+    the reference already computed: no extra LLM calls). The verdict is the one training uses
+    (``rpp.metrics.check_above_random``: the bootstrap CI of the mean gain over the exact random expectation)."""
     if reference is None or getattr(reference, "val_ranks", None) is None:
         return None
     from rpp.benchmark.classic import PopularityScorer
 
     users = ctx.fit_users
     llm = ndcg_at_k(reference.val_ranks, 10)
-    rnd = np.array([ndcg_at_k(np.arange(len(u.candidates)), 10).mean() for u in users])
     pop = ndcg_at_k(ranks_of(users, PopularityScorer(ctx.train_interactions).rank(users)), 10)
     n_boot, seed = cfg.eval.n_bootstrap, cfg.seed
-    vs_random = paired_test(llm, rnd)
+    vs_random = check_above_random(reference.val_ranks, [len(u.candidates) for u in users], k=10, n_boot=n_boot,
+                                   seed=seed)
     return {
         "users": len(users), "prompt": reference.name,
-        "llm": bootstrap_ci(llm, n_boot, seed=seed), "random": float(rnd.mean()),
+        "llm": bootstrap_ci(llm, n_boot, seed=seed), "random": vs_random.random,
         "popularity": bootstrap_ci(pop, n_boot, seed=seed),
         "vs_random": vs_random, "vs_popularity": paired_test(llm, pop),
-        "passes": bool(vs_random.mean_diff > 0 and vs_random.p_value < 0.05),
+        "passes": vs_random.passes,
     }
 
 
@@ -253,12 +253,14 @@ def _write_markdown(out_dir: Path, cfg: Config, table, results: Sequence[MethodR
         lines += ["Skipped: no task-wise prompt was run.", ""]
     else:
         verdict = "PASSES" if sanity["passes"] else "FAILS"
+        gain = sanity["vs_random"].gain
         lines += [
             f"On {sanity['users']} validation users, prompt `{sanity['prompt']}`: NDCG@10 LLM {sanity['llm']}, "
-            f"random {sanity['random']:.4f} (exact expectation), popularity {sanity['popularity']}. LLM vs random: "
-            f"{sanity['vs_random'].mean_diff:+.4f} (p = {_p(sanity['vs_random'].p_value)}); LLM vs popularity: "
-            f"{sanity['vs_popularity'].mean_diff:+.4f} (p = {_p(sanity['vs_popularity'].p_value)}). "
-            f"The check {verdict} (LLM better than random at p < 0.05)."
+            f"random {sanity['random']:.4f} (exact expectation), popularity {sanity['popularity']}. LLM - random: "
+            f"{gain.mean:+.4f} [{gain.low:+.4f}, {gain.high:+.4f}] (mean per-user gain, 95% bootstrap CI); LLM vs "
+            f"popularity: {sanity['vs_popularity'].mean_diff:+.4f} (p = {_p(sanity['vs_popularity'].p_value)}). "
+            f"The check {verdict} (the gain's CI above 0 and a gain of at least "
+            f"+{sanity['vs_random'].threshold:.2f}, the check training runs too)."
             + ("" if sanity["passes"] else " Rewards from this ranker are close to noise; read every LLM row "
                "with that in mind."),
             "",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -46,9 +47,19 @@ class ParseResult:
     """Answer lines that named nothing among the candidates."""
 
 
+_APOSTROPHES = re.compile(r"['\u2019\u02bc]")
+_NOT_WORD = re.compile(r"[\W_]+")
+
+
 def normalize(text: str) -> str:
-    """Lower case, punctuation to spaces, single spaces: "Toy Story (1995)" -> "toy story 1995"."""
-    return " ".join(re.sub(r"[^\w]+", " ", text.lower()).split())
+    """The one normal form of titles and answers, used on both sides of every comparison: accents folded
+    ("Cité" -> "cite"; letters of other scripts are kept), lower case, "&" read as "and", apostrophes dropped
+    ("Schindler's" -> "schindlers"), every other run of punctuation, underscores and space one space:
+    "Shawshank Redemption, The (1994)" -> "shawshank redemption the 1994"."""
+    decomposed = unicodedata.normalize("NFKD", str(text))
+    folded = "".join(c for c in decomposed if not unicodedata.combining(c)).lower()
+    folded = _APOSTROPHES.sub("", folded.replace("&", " and "))
+    return _NOT_WORD.sub(" ", folded).strip()
 
 
 def title_variants(title: str) -> list[str]:
@@ -141,7 +152,8 @@ def parse_ranking(text: str | None, candidates: Sequence[str]) -> ParseResult:
 
 
 def order_from_scores(scores: Sequence[float]) -> list[int]:
-    """Indices by descending score; ties (and NaN, treated as -inf) keep the presented order."""
+    """Indices by descending score; ties (and NaN, treated as -inf) keep the presented order, so the result is a
+    deterministic permutation and no ranker (LLM or classic) profits from the slot the target happens to sit in."""
     def key(i: int):
         s = scores[i]
         return (-(s if s is not None and not math.isnan(s) else -math.inf), i)

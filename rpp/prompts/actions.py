@@ -37,12 +37,24 @@ HISTORY_PARAMS: dict[str, tuple[type, Any]] = {
 }
 """Params of a history action: name -> (type, default); a default of None means required."""
 
-PATTERN_PURPOSE = {
-    "role": "role-playing: who the assistant is asked to be",
-    "history": "history records: how the user's history is introduced",
-    "reasoning": "reasoning guidance: how to reason from the history to the next item",
-    "format": "output format: how the answer should be written",
+PATTERN_PURPOSES: dict[str, str] = {
+    "role": "it tells the assistant which role to take when recommending {item_noun_plural} to this user",
+    "history": "it introduces the list of {item_noun_plural} this user chose before, which follows it",
+    "reasoning": "it tells the assistant how to reason about this user's taste before ranking the {item_noun_plural}",
+    "format": "it tells the assistant how to write down the ranked list of candidate {item_noun_plural}",
 }
+"""What each pattern's sentence is for (templates over {item_noun_plural}): shown by `rpp actions show` and to the
+RPP+ refiner, so a rewrite keeps the sentence's job."""
+
+
+def pattern_purpose(pattern: str, item_noun: str = "item") -> str:
+    """PATTERN_PURPOSES[pattern] for items called ``item_noun``."""
+    from rpp.prompts.builder import pluralize
+
+    if pattern not in PATTERN_PURPOSES:
+        raise ValueError(f"unknown pattern '{pattern}' (patterns: {', '.join(PATTERNS)})")
+    return PATTERN_PURPOSES[pattern].format(item_noun_plural=pluralize(item_noun))
+
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _ENTRY_KEYS = {"id", "text", "params"}
@@ -227,7 +239,7 @@ def format_action_set(action_set: ActionSet) -> str:
     lines.append("sizes (role, history, reasoning, format): " + " x ".join(map(str, action_set.sizes())))
     for pattern in PATTERNS:
         lines.append("")
-        lines.append(f"{pattern} ({PATTERN_PURPOSE[pattern]}): {len(action_set.actions[pattern])} actions")
+        lines.append(f"{pattern}: {len(action_set.actions[pattern])} actions; {pattern_purpose(pattern)}")
         for i, a in enumerate(action_set.actions[pattern]):
             params = ""
             if a.params:

@@ -34,22 +34,14 @@ import sqlite3
 import string
 import threading
 import time
-import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from rpp.config import Config, RefinerConfig, cache_root
-from rpp.prompts.actions import PATTERNS
-
-PATTERN_PURPOSES: dict[str, str] = {
-    "role": "it tells the assistant which role to take when recommending {item_noun_plural} to this user",
-    "history": "it introduces the list of {item_noun_plural} this user chose before, which follows it",
-    "reasoning": "it tells the assistant how to reason about this user's taste before ranking the {item_noun_plural}",
-    "format": "it tells the assistant how to write down the ranked list of candidate {item_noun_plural}",
-}
-"""What each pattern's sentence is for, shown to the refiner so a rewrite keeps the sentence's job."""
+from rpp.llm.parsing import normalize
+from rpp.prompts.actions import PATTERN_PURPOSES, PATTERNS, pattern_purpose
 
 REFINER_SYSTEM = "You are a helpful assistant."
 """SmolLM2-Instruct's default system prompt (what it was tuned with); the task itself is in the user turn."""
@@ -71,15 +63,6 @@ INSTRUCTION_FIELDS = frozenset({"purpose", "user_summary", "sentence", "item_nou
 _ARTICLE_SUFFIX = re.compile(r"^(?P<body>.+?),\s*(?P<art>the|a|an|les|la|le|l'|il|der|die|das|el)$", re.IGNORECASE)
 _PARENS = re.compile(r"\s*\([^()]*\)")
 _YEAR_PARENS = re.compile(r"\s*\((?:\d{4}|\d{4}\s*[-–]\s*\d{0,4})\)")
-_NON_WORD = re.compile(r"[^0-9a-z]+")
-
-
-def normalize(text: str) -> str:
-    """Lower case, accents folded to ASCII, '&' read as 'and', every run of punctuation/space a single space.
-    Used on both sides of every comparison, so "Shawshank Redemption!" and "shawshank-redemption" agree."""
-    folded = unicodedata.normalize("NFKD", str(text)).encode("ascii", "ignore").decode("ascii").lower()
-    folded = folded.replace("&", " and ").replace("'", "")
-    return _NON_WORD.sub(" ", folded).strip()
 
 
 def title_variants(title: str) -> set[str]:
@@ -498,7 +481,7 @@ class Refiner:
     """Rewrites the chosen sentences of a batch of users (one ``generate`` call per refining step), guarded and
     cached. ``refine`` is what ``StepCore`` calls; ``stats`` is what training/evaluation/benchmark report."""
 
-    def __init__(self, cfg: RefinerConfig, generator: Any, *, item_noun: str = "item",
+    def __init__(self, cfg: RefinerConfig, generator: Any, *, genres: Iterable[str], item_noun: str = "item",
                  cache: Optional[RefinementCache] = None, patterns: Sequence[str] = PATTERNS) -> None:
         fields = placeholders(cfg.instruction)
         if fields is None:
@@ -521,8 +504,9 @@ class Refiner:
         self._instruction_parts = tuple(lit for lit, *_ in string.Formatter().parse(cfg.instruction) if lit.strip())
         self._lock = threading.Lock()
         self._stats = self._empty_stats()
-        self.known_genres: set[str] = set()
-        """Every genre seen in a context so far: the vocabulary of the wrong_genre guard."""
+        self.known_genres: frozenset[str] = frozenset(str(g) for g in genres if str(g).strip())
+        """The vocabulary of the wrong_genre guard: every genre of the dataset (``dataset_genres``), fixed when the
+        refiner is made, so a rewrite's verdict never depends on which users were refined before it."""
         self.last_verdicts: list[Optional[dict[str, Verdict]]] = []
         """Per user of the last refine() call: pattern -> Verdict (None on non-refining steps); for logs."""
 
@@ -537,9 +521,7 @@ class Refiner:
         return step % self.cfg.every_k_steps == 0
 
     def _purpose(self, pattern: str) -> str:
-        from rpp.prompts.builder import pluralize
-
-        return PATTERN_PURPOSES[pattern].format(item_noun=self.item_noun, item_noun_plural=pluralize(self.item_noun))
+        return pattern_purpose(pattern, self.item_noun)
 
     def messages(self, sentence: str, pattern: str, summary: str) -> tuple[dict, ...]:
         """The chat prompt that asks for one rewrite of ``sentence`` (placeholders already filled); it is also
@@ -573,8 +555,6 @@ class Refiner:
             out = {p: _action_text(a) for p, a in picks.items()}
             results.append(out)
             summary = user_summary(ctx)
-            for genres in _field(ctx, "history_genres", "genres"):
-                self.known_genres.update([genres] if isinstance(genres, str) else genres)
             matcher = CandidateMatcher(_field(ctx, "candidate_titles", "candidates"))
             values = placeholder_values(ctx, picks, self.item_noun)
             for pattern in self.patterns:
@@ -669,16 +649,26 @@ def refinement_cache_path(cfg: Config) -> Path:
     return cache_root() / "refinements.sqlite"
 
 
-def make_refiner(cfg: Config, generator: Any = None) -> Optional[Refiner]:
+def dataset_genres(dataset: Any) -> frozenset[str]:
+    """Every genre name of a dataset's items (``rpp.data.Dataset``): the wrong_genre guard's vocabulary."""
+    return frozenset(g for item in dataset.items["item"].tolist() for g in dataset.genres(item))
+
+
+def make_refiner(cfg: Config, generator: Any = None, dataset: Any = None) -> Optional[Refiner]:
     """The RPP+ refiner of a config, or None when ``refiner.enabled`` is false.
 
     generator: a TextGenerator to use instead of ``rpp.llm.make_generator(cfg.refiner)`` (tests, sharing one
-    loaded model). The cache follows ``llm.cache`` (``--no-cache`` turns both off)."""
+    loaded model). dataset: the loaded ``cfg.data`` dataset, whose genres are the guard's vocabulary (loaded
+    from cfg.data when not given). The cache follows ``llm.cache`` (``--no-cache`` turns both off)."""
     if not cfg.refiner.enabled:
         return None
+    if dataset is None:
+        from rpp.data import load_dataset
+
+        dataset = load_dataset(cfg.data)
     if generator is None:
         from rpp.llm import make_generator
 
         generator = make_generator(cfg.refiner)
     cache = RefinementCache(refinement_cache_path(cfg)) if cfg.llm.cache else None
-    return Refiner(cfg.refiner, generator, item_noun=cfg.data.item_noun, cache=cache)
+    return Refiner(cfg.refiner, generator, genres=dataset_genres(dataset), item_noun=cfg.data.item_noun, cache=cache)
