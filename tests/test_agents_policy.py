@@ -10,6 +10,7 @@ from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from rpp.agents.policy import PATTERNS, FourAgentPolicy, PolicySpaceError, distribution_stats
+from rpp.envs.core import CONTEXT_ROWS as C
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -18,11 +19,11 @@ NVEC = [3, 2, 4, 2]
 
 
 class TasteEnv(gym.Env):
-    """Synthetic stand-in for the prompt env: row 0 carries the user's type, rows 1..K candidate-like vectors that
+    """Synthetic stand-in for the prompt env: row 0 carries the user's type, rows C.. candidate-like vectors that
     the 'ranking' reorders by the chosen format; the reward depends on the observation AND the action."""
 
     def __init__(self):
-        self.observation_space = spaces.Box(-1.0, 1.0, (1 + K, D), np.float32)
+        self.observation_space = spaces.Box(-1.0, 1.0, (C + K, D), np.float32)
         self.action_space = spaces.MultiDiscrete(NVEC)
         self.t = 0
 
@@ -34,9 +35,9 @@ class TasteEnv(gym.Env):
         return self._obs(), {}
 
     def _obs(self):
-        obs = np.zeros((1 + K, D), np.float32)
+        obs = np.zeros((C + K, D), np.float32)
         obs[0, self.user] = 1.0
-        obs[1:] = self.cands
+        obs[C:] = self.cands
         return obs
 
     def step(self, action):
@@ -54,12 +55,12 @@ def make_vec(n=4, seed=0):
 
 
 def make_policy(hidden=8):
-    obs_space = spaces.Box(-1.0, 1.0, (1 + K, D), np.float32)
+    obs_space = spaces.Box(-1.0, 1.0, (C + K, D), np.float32)
     return FourAgentPolicy(obs_space, spaces.MultiDiscrete(NVEC), lambda _: 1e-3, hidden_size=hidden)
 
 
 def random_obs(n, seed=0):
-    return th.as_tensor(np.random.default_rng(seed).uniform(-1, 1, (n, 1 + K, D)).astype(np.float32))
+    return th.as_tensor(np.random.default_rng(seed).uniform(-1, 1, (n, C + K, D)).astype(np.float32))
 
 
 def test_four_separately_parameterized_agents():
@@ -67,7 +68,7 @@ def test_four_separately_parameterized_agents():
     policy = make_policy()
     extractor = policy.mlp_extractor
     assert len(extractor.agents) == 4 and len(policy.action_net.heads) == 4
-    grus = [a.gru for a in extractor.agents]
+    grus = [a.ranking.gru for a in extractor.agents]
     assert all(isinstance(g, th.nn.GRU) for g in grus)
     assert [h.out_features for h in policy.action_net.heads] == NVEC
     # no actor parameter is shared between agents, nor with the critic
@@ -91,7 +92,7 @@ def test_changing_one_agent_changes_only_its_logits(agent):
     obs = random_obs(6)
     with th.no_grad():
         before = [lg.clone() for lg in policy.agent_logits(obs)]
-        for p in policy.mlp_extractor.agents[agent].gru.parameters():  # the agent's own GRU
+        for p in policy.mlp_extractor.agents[agent].ranking.gru.parameters():  # the agent's own GRU
             p.add_(0.3 * th.randn_like(p))
         after_gru = policy.agent_logits(obs)
         policy.action_net.heads[agent].weight.add_(0.5)  # and its own head
@@ -110,7 +111,7 @@ def test_gradients_reach_each_agents_gru_only_from_its_own_loss():
     logits = policy.agent_logits(random_obs(4))
     logits[2].logsumexp(-1).sum().backward()
     for i, agent in enumerate(policy.mlp_extractor.agents):
-        grads = [p.grad for p in agent.gru.parameters()]
+        grads = [p.grad for p in agent.ranking.gru.parameters()]
         if i == 2:
             assert all(g is not None and g.abs().sum() > 0 for g in grads)
         else:
@@ -138,13 +139,27 @@ def test_ranking_order_matters_to_the_agents():
     policy = make_policy()
     obs = random_obs(2)
     flipped = obs.clone()
-    flipped[:, 1:] = obs[:, 1:].flip(1)
+    flipped[:, C:] = obs[:, C:].flip(1)
     with th.no_grad():
         assert not th.allclose(policy.agent_logits(obs)[0], policy.agent_logits(flipped)[0])
 
 
+def test_user_rows_reach_every_agent_and_the_critic():
+    """Rows 1..C-1 (the user's features) feed each agent's own user encoder: changing them changes all four
+    agents' logits and the value, while the state and ranking rows stay the same."""
+    th.manual_seed(5)
+    policy = make_policy()
+    obs = random_obs(2)
+    other_user = obs.clone()
+    other_user[:, 1:C] = -other_user[:, 1:C]
+    with th.no_grad():
+        for a, b in zip(policy.agent_logits(obs), policy.agent_logits(other_user)):
+            assert not th.allclose(a, b)
+        assert not th.allclose(policy.predict_values(obs), policy.predict_values(other_user))
+
+
 def test_unsupported_spaces_are_rejected_clearly():
-    box = spaces.Box(-1.0, 1.0, (1 + K, D), np.float32)
+    box = spaces.Box(-1.0, 1.0, (C + K, D), np.float32)
     with pytest.raises(PolicySpaceError, match="MultiDiscrete"):
         FourAgentPolicy(box, spaces.MultiDiscrete([2, 2, 2]), lambda _: 1e-3)
     with pytest.raises(PolicySpaceError, match="shape"):
@@ -164,7 +179,7 @@ def test_sb3_trains_the_four_agents(algo):
     if algo is PPO:
         kwargs.update(batch_size=16, n_epochs=4)
     model = algo(FourAgentPolicy, env, **kwargs)
-    probe = np.zeros((3, 1 + K, D), np.float32)
+    probe = np.zeros((3, C + K, D), np.float32)
     probe[[0, 1, 2], 0, [0, 1, 2]] = 1.0
     before = model.policy.agent_probs(probe)
     model.learn(600 if algo is PPO else 800)

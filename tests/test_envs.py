@@ -23,6 +23,11 @@ from rpp.envs import (  # importing rpp.envs registers the Gymnasium id
     BatchedPromptVecEnv, PromptPersonalizationEnv, PromptPersonalizationParallelEnv, StateEncoder,
     UserStream, make_core,
 )
+from rpp.envs.core import CONTEXT_ROWS, state_text
+
+
+def text_of(core, state) -> str:
+    return state_text(state.context, state.chosen, state.sentences, state.step, state.last_order, core.encoder_cfg)
 
 
 class HashRanker(Ranker):
@@ -76,12 +81,39 @@ def core(cfg, encoder):
 def test_reset_observation_layout(core):
     sample = core.samples[0]
     states, obs = core.reset([sample])
-    assert obs.shape == (1, 1 + core.obs_candidates, core.encoder.dim) == (1, 21, 384)
+    assert obs.shape == (1, CONTEXT_ROWS + core.obs_candidates, core.encoder.dim) == (1, 23, 384)
     assert obs.dtype == np.float32 and core.observation_space.contains(obs[0])
     # before the first step the candidate rows are in presented order
     expected = core.item_embeddings.lookup(sample.candidates)
-    np.testing.assert_array_equal(obs[0, 1:], expected)
+    np.testing.assert_array_equal(obs[0, CONTEXT_ROWS:], expected)
     assert np.isclose(np.linalg.norm(obs[0, 0]), 1.0, atol=1e-4)
+    # rows 1-2: the user's standardized features (history only); the step slot is 0 at reset
+    assert obs[0, 1, -1] == 0.0 and np.abs(obs[0, 1:3]).max() > 0.1
+    other = core.samples[1]
+    assert not np.allclose(core.reset([other])[1][0, 1:3], obs[0, 1:3])
+
+
+def test_user_features_read_the_history_and_are_fixed_per_dataset(cfg, encoder):
+    """Genre shares and history statistics come from the history; the standardization is fitted on the whole
+    dataset once, so a user's rows are identical in the train core and in a core of another split."""
+    from types import SimpleNamespace
+
+    from rpp.envs.features import UserFeatures, history_embedding
+
+    feats = UserFeatures(["Drama", "Comedy", "Horror"], dim=16)
+    ctx = SimpleNamespace(history_titles=["a", "b", "c", "d"], history_ratings=[5.0, 4.0, np.nan, 2.0],
+                          history_genres=[("Drama",), ("Drama", "Comedy"), ("Drama",), ("Horror",)])
+    row = feats.numeric(ctx)
+    np.testing.assert_allclose(row[:3], [3 / 5, 1 / 5, 1 / 5])  # genre shares of the whole history
+    assert row[7] == pytest.approx((11 / 3 - 1) / 4) and row[9] == pytest.approx(2 / 3)  # rating mean, share >= 4
+    vecs = np.array([[1.0, 0.0], [0.0, 1.0]])
+    np.testing.assert_allclose(history_embedding(vecs), [2 ** -0.5, 2 ** -0.5])
+
+    train = make_core(cfg, "train", ranker=HashRanker(), encoder=encoder)
+    rows_train = train.user_rows(train.samples[0])
+    again = make_core(cfg, "test", ranker=HashRanker(), encoder=encoder)
+    np.testing.assert_array_equal(again.user_rows(train.samples[0]), rows_train)
+    assert rows_train.shape == (2, encoder.dim) and np.abs(rows_train).max() <= 1.0
     assert states[0].step == 0 and states[0].chosen == core.builder.taskwise()
 
 
@@ -104,9 +136,11 @@ def test_step_reward_is_ndcg_minus_taskwise_baseline(core):
     assert info["actions"]["reasoning"] == core.action_set.action("reasoning", 3).id
     assert "[system]" in info["prompt"] and info["ranker_failed"] is False
     assert info["usage"].prompt_tokens > 0
-    # rows 1..K now follow this step's ranking, and the state text mentions its top titles
-    np.testing.assert_array_equal(obs[0, 1:], states[0].candidate_embeddings[order])
-    assert "ranked first: " + states[0].context.candidate_titles[order[0]] in core.state_text(states[0])
+    # the candidate rows now follow this step's ranking, the state text mentions its top titles, and the
+    # numeric row carries the episode step t / T
+    np.testing.assert_array_equal(obs[0, CONTEXT_ROWS:], states[0].candidate_embeddings[order])
+    assert "ranked first: " + states[0].context.candidate_titles[order[0]] in text_of(core, states[0])
+    assert obs[0, 1, -1] == pytest.approx(1 / core.steps_per_episode)
 
 
 def test_baseline_is_cached_per_user_and_batched(core):
@@ -142,6 +176,25 @@ def test_failed_ranking_earns_no_reward(cfg, encoder):
     assert not infos[1]["ranker_failed"]
 
 
+def test_failed_baseline_earns_no_reward_and_is_counted(cfg, encoder):
+    """A user whose task-wise baseline call failed must not be rewarded with raw NDCG (that would reward the
+    user effect): the episode earns 0, is flagged, counted, and the baseline is asked for again next time."""
+    core = make_core(cfg, "train", ranker=HashRanker(), encoder=encoder)
+    samples = core.samples[:2]
+    failing = samples[0].user
+    core.ranker.fail_users = (failing,)
+    original = core.builder.cfg.system
+    core.builder.cfg = core.builder.cfg.model_copy(update={"system": f"{original} FAIL-{failing}"})
+    states, _ = core.reset(samples)  # both baselines fail (the marker is in every prompt)
+    core.ranker.fail_users = ()
+    assert core.failed_baselines == 2 and states[0].baseline is None
+    _, rewards, infos = core.step(states, np.ones((2, 4), dtype=int))
+    assert not infos[0]["ranker_failed"] and infos[0]["ndcg"] >= 0
+    assert rewards.tolist() == [0.0, 0.0] and all(i["baseline_failed"] for i in infos)
+    states, _ = core.reset(samples)  # asked again, and now it works
+    assert states[0].baseline is not None and core.failed_baselines == 2
+
+
 def test_out_of_range_actions_are_rejected(core):
     states, _ = core.reset(core.samples[:1])
     with pytest.raises(ValueError, match="pattern 'history' is out of range"):
@@ -167,7 +220,7 @@ def test_refiner_texts_reach_prompt_state_and_info(core):
     user = states[0].sample.user
     assert infos[0]["refined"] == {"role": f"You are {user}'s personal curator."}
     assert f"You are {user}'s personal curator." in infos[0]["prompt"]
-    assert "personal curator" in core.state_text(states[0])
+    assert "personal curator" in text_of(core, states[0])
     _, _, infos = core.step(states, [[1, 0, 0, 0], [2, 0, 0, 0]])
     assert infos[0]["refined"] and "personal curator" in infos[0]["prompt"]  # kept while the action stays
     assert infos[1]["refined"] == {} and "personal curator" not in infos[1]["prompt"]  # dropped on a switch
@@ -197,7 +250,8 @@ def test_gym_env_episode_and_registration(cfg, core):
     assert info["user"] == core.samples[5].user
     for t in range(cfg.env.steps_per_episode):
         obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
-        assert terminated is False and truncated == (t == cfg.env.steps_per_episode - 1)
+        # the episode ENDS after T prompts (terminated), it is not cut short (truncated)
+        assert truncated is False and terminated == (t == cfg.env.steps_per_episode - 1)
     with pytest.raises(RuntimeError, match="episode is over"):
         env.unwrapped.step(env.action_space.sample())
 
@@ -240,7 +294,7 @@ def test_vec_env_step_of_16_users_is_one_ranker_call(encoder):
     # the last step of the episode: one call for the step, at most one more for the next users' baselines
     _, _, dones, infos = venv.step(actions)
     assert dones.all() and ranker.usage.batches <= 4
-    assert all(i["TimeLimit.truncated"] and i["terminal_observation"].shape == venv.observation_space.shape
+    assert all("TimeLimit.truncated" not in i and i["terminal_observation"].shape == venv.observation_space.shape
                for i in infos)
 
 
@@ -318,14 +372,33 @@ def test_vec_env_seed_restarts_the_stream(cfg, encoder):
     assert [i["user"] for i in venv.reset_infos] == first
 
 
-def test_vec_env_trains_with_sb3(cfg, encoder):
-    """SB3 accepts the VecEnv as is (a short PPO run through the real rollout code)."""
+def test_vec_env_trains_with_sb3_without_bootstrapping_past_the_episode(cfg, encoder):
+    """SB3 accepts the VecEnv as is (a short PPO run through the real rollout code), and the last step of an
+    episode is a real end: its return is its own reward, no gamma * V(terminal obs) is added (which SB3 does for
+    steps flagged TimeLimit.truncated)."""
     from stable_baselines3 import PPO
 
     venv = BatchedPromptVecEnv(make_core(cfg, "train", ranker=HashRanker(), encoder=encoder), n_envs=2)
-    model = PPO("MlpPolicy", venv, n_steps=4, batch_size=4, n_epochs=1, seed=0, device="cpu")
-    model.learn(total_timesteps=8)
+    model = PPO("MlpPolicy", venv, n_steps=4, batch_size=4, n_epochs=1, gamma=0.9, gae_lambda=1.0, seed=0,
+                device="cpu")
+    captured = {}
+
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    class Grab(BaseCallback):
+        def _on_step(self):
+            return True
+
+        def _on_rollout_end(self):
+            buf = self.model.rollout_buffer
+            captured["returns"] = buf.returns.copy()
+            captured["rewards"] = buf.rewards.copy()
+
+    model.learn(total_timesteps=8, callback=Grab())
     assert model.num_timesteps == 8
+    t_steps = cfg.env.steps_per_episode
+    last = np.arange(t_steps - 1, 4, t_steps)  # rollout rows holding an episode's last step
+    np.testing.assert_allclose(captured["returns"][last], captured["rewards"][last], atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- pettingzoo

@@ -63,14 +63,17 @@ class RolloutMetrics(BaseCallback):
 
     def _on_rollout_start(self) -> None:
         self._rewards, self._ndcg, self._baseline, self._failed = [], [], [], 0
+        self._failed_baselines = 0
         self._t0 = time.perf_counter()
 
     def _on_step(self) -> bool:
         self._rewards.extend(np.asarray(self.locals["rewards"], dtype=np.float64).tolist())
         for info in self.locals["infos"]:
             self._ndcg.append(float(info["ndcg"]))
-            self._baseline.append(float(info["baseline"]))
+            if info["baseline"] is not None:
+                self._baseline.append(float(info["baseline"]))
             self._failed += int(info.get("ranker_failed", False))
+            self._failed_baselines += int(info.get("baseline_failed", False))
         if self.bar is not None:
             self.bar.update(self.training_env.num_envs)
         return True
@@ -88,7 +91,8 @@ class RolloutMetrics(BaseCallback):
             "timesteps": int(self.num_timesteps),
             "mean_reward": float(np.mean(self._rewards)),
             "mean_ndcg": float(np.mean(self._ndcg)),
-            "mean_taskwise_ndcg": float(np.mean(self._baseline)),
+            "mean_taskwise_ndcg": float(np.mean(self._baseline)) if self._baseline else float("nan"),
+            "failed_baselines": self._failed_baselines,
             "ranker_failures": self._failed,
             "entropy": {p: stats[p]["entropy"] for p in PATTERNS},
             "p_argmax": {p: stats[p]["p_argmax"] for p in PATTERNS},
@@ -179,3 +183,25 @@ class ResumableCheckpoint(BaseCallback):
         path = save_checkpoint(self.run_dir, self.model, state, rollouts)
         self.last_saved = rollouts
         return path
+
+
+class EntropySchedule(BaseCallback):
+    """Anneal PPO's/A2C's entropy coefficient linearly from `start` to `end` over the run (SB3 reads
+    ``model.ent_coef`` at each update; it has no schedule of its own for it). Broad exploration early is what lets
+    the agents find actions that pay only for some users; a small coefficient late lets them commit."""
+
+    def __init__(self, start: float, end: float, total_timesteps: int):
+        super().__init__()
+        self.start, self.end, self.total = float(start), float(end), max(1, int(total_timesteps))
+
+    def value(self, timesteps: int) -> float:
+        frac = min(1.0, timesteps / self.total)
+        return self.start + (self.end - self.start) * frac
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_rollout_end(self) -> None:
+        # the update that follows this rollout uses the coefficient for the progress made so far
+        self.model.ent_coef = self.value(self.num_timesteps)
+        self.logger.record("train/ent_coef_scheduled", self.model.ent_coef)

@@ -1,14 +1,17 @@
 """The four prompt agents (role, history, reasoning, format) as ONE stable-baselines3 actor-critic policy.
 
-Observation (from rpp.envs): a (1 + K, D) float32 array; row 0 is the state embedding (BERT encoding of the
-current prompt state), rows 1..K the embeddings of the candidates in the order of the LLM's last ranking.
+Observation (from rpp.envs): a (C + K, D) float32 array with C = context_rows (3): row 0 is the state embedding
+(BERT encoding of the current prompt state), rows 1..C-1 describe the user (numeric features with the episode step,
+mean history embedding), rows C.. the embeddings of the candidates in the order of the LLM's last ranking.
 Action: MultiDiscrete([n_role, n_history, n_reasoning, n_format]), one sentence id per agent.
 
 Design (centralized training, decentralized execution, as in RPP):
 
-- Each agent is its own network: a GRU that reads the ranking (rows 1..K) starting from a hidden state computed
-  from the state embedding (row 0), an MLP on [state; final GRU state], and a linear actor head giving the
-  logits of a categorical over that agent's action set. No actor parameter is shared between agents, so an agent
+- Each agent is its own network: a GRU that reads the ranking (rows C..) starting from a hidden state computed
+  from the state embedding (row 0), an MLP on [state; final GRU state]; beside it a user encoder (an MLP over
+  the user rows), and a linear actor head over both latents giving the logits of a categorical over that agent's
+  action set. The user encoder is what lets an agent give different users different sentences: the state text
+  alone hardly differs between users at the first step. No actor parameter is shared between agents, so an agent
   can be executed (and inspected) on its own: changing one agent's parameters changes only its own logits.
 - The critic is centralized: one value function V(s) of the joint state (its own GRU + MLP over the whole
   observation), used only during training. All four agents receive the same per-user reward (one NDCG for the
@@ -39,15 +42,17 @@ class PolicySpaceError(ValueError):
     """The environment's spaces are not the ones the four-agent policy is built for."""
 
 
-def check_spaces(observation_space: spaces.Space, action_space: spaces.Space) -> tuple[int, int, list[int]]:
+def check_spaces(observation_space: spaces.Space, action_space: spaces.Space,
+                 context_rows: int = 3) -> tuple[int, int, list[int]]:
     """Validate the spaces; return (K candidates, embedding dim D, nvec)."""
     if not isinstance(observation_space, spaces.Box) or len(observation_space.shape) != 2:
         raise PolicySpaceError(
-            f"the four-agent policy needs a Box observation of shape (1 + K, D) (state row + K ranked candidate "
-            f"rows); got {observation_space}")
+            f"the four-agent policy needs a Box observation of shape (C + K, D) (state row, user rows, K ranked "
+            f"candidate rows); got {observation_space}")
     rows, dim = observation_space.shape
-    if rows < 2:
-        raise PolicySpaceError(f"observation has {rows} row(s); need the state row plus at least one candidate row")
+    if rows < context_rows + 1:
+        raise PolicySpaceError(f"observation has {rows} row(s); need {context_rows} context rows (state, user) "
+                               "plus at least one candidate row")
     if not isinstance(action_space, spaces.MultiDiscrete) or action_space.nvec.ndim != 1 \
             or len(action_space.nvec) != len(PATTERNS):
         raise PolicySpaceError(
@@ -55,7 +60,7 @@ def check_spaces(observation_space: spaces.Space, action_space: spaces.Space) ->
     nvec = [int(n) for n in action_space.nvec]
     if min(nvec) < 1:
         raise PolicySpaceError(f"every agent needs at least one action; got sizes {nvec}")
-    return rows - 1, dim, nvec
+    return rows - context_rows, dim, nvec
 
 
 class RankingEncoder(nn.Module):
@@ -77,31 +82,45 @@ class RankingEncoder(nn.Module):
         return self.out(th.cat([h0, h_last[0]], dim=-1))
 
 
+class AgentEncoder(nn.Module):
+    """One agent's (or the critic's) latent: [RankingEncoder(state, ranking); MLP(user rows)], width 2 * hidden."""
+
+    def __init__(self, embed_dim: int, hidden: int, user_rows: int):
+        super().__init__()
+        self.ranking = RankingEncoder(embed_dim, hidden)
+        self.user = nn.Sequential(nn.Linear(user_rows * embed_dim, hidden), nn.Tanh(),
+                                  nn.Linear(hidden, hidden), nn.Tanh())
+
+    def forward(self, state: th.Tensor, user: th.Tensor, ranking: th.Tensor) -> th.Tensor:
+        return th.cat([self.ranking(state, ranking), self.user(user.flatten(1))], dim=-1)
+
+
 class FourAgentExtractor(nn.Module):
     """SB3 ``mlp_extractor``: per-agent actor latents (concatenated) and the centralized critic latent."""
 
-    def __init__(self, n_candidates: int, embed_dim: int, hidden: int, n_agents: int = len(PATTERNS)):
+    def __init__(self, n_candidates: int, embed_dim: int, hidden: int, n_agents: int = len(PATTERNS),
+                 context_rows: int = 3):
         super().__init__()
-        self.n_rows, self.embed_dim = 1 + n_candidates, embed_dim
-        self.agents = nn.ModuleList([RankingEncoder(embed_dim, hidden) for _ in range(n_agents)])
-        self.critic = RankingEncoder(embed_dim, hidden)
-        self.latent_dim_pi = n_agents * hidden
-        self.latent_dim_vf = hidden
+        self.context_rows = context_rows
+        self.n_rows, self.embed_dim = context_rows + n_candidates, embed_dim
+        self.agents = nn.ModuleList([AgentEncoder(embed_dim, hidden, context_rows - 1) for _ in range(n_agents)])
+        self.critic = AgentEncoder(embed_dim, hidden, context_rows - 1)
+        self.latent_dim_pi = n_agents * 2 * hidden
+        self.latent_dim_vf = 2 * hidden
 
-    def _split(self, features: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
+    def _split(self, features: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
         obs = features.reshape(features.shape[0], self.n_rows, self.embed_dim)
-        return obs[:, 0], obs[:, 1:]
+        return obs[:, 0], obs[:, 1:self.context_rows], obs[:, self.context_rows:]
 
     def forward(self, features: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
         return self.forward_actor(features), self.forward_critic(features)
 
     def forward_actor(self, features: th.Tensor) -> th.Tensor:
-        state, ranking = self._split(features)
-        return th.cat([agent(state, ranking) for agent in self.agents], dim=-1)
+        parts = self._split(features)
+        return th.cat([agent(*parts) for agent in self.agents], dim=-1)
 
     def forward_critic(self, features: th.Tensor) -> th.Tensor:
-        state, ranking = self._split(features)
-        return self.critic(state, ranking)
+        return self.critic(*self._split(features))
 
 
 class PerAgentHeads(nn.Module):
@@ -111,6 +130,7 @@ class PerAgentHeads(nn.Module):
     def __init__(self, hidden: int, nvec: list[int]):
         super().__init__()
         self.hidden = hidden
+        """Width of one agent's chunk of latent_pi."""
         self.heads = nn.ModuleList([nn.Linear(hidden, n) for n in nvec])
 
     def forward(self, latent_pi: th.Tensor) -> th.Tensor:
@@ -121,27 +141,31 @@ class PerAgentHeads(nn.Module):
 class FourAgentPolicy(ActorCriticPolicy):
     """Four separately parameterized actors (one GRU encoder + head each) and one centralized critic.
 
-    Extra keyword: ``hidden_size`` (width of each agent's GRU and MLP, and of the critic), from
-    cfg.train.hidden_size. ``net_arch`` is not used: the architecture is the one described in the module doc.
+    Extra keywords: ``hidden_size`` (width of each agent's GRU and MLPs, and of the critic), from
+    cfg.train.hidden_size; ``context_rows`` (observation rows before the candidates; rpp.envs.CONTEXT_ROWS).
+    ``net_arch`` is not used: the architecture is the one described in the module doc.
     """
 
     def __init__(self, observation_space: spaces.Space, action_space: spaces.Space, lr_schedule,
-                 hidden_size: int = 64, **kwargs: Any):
-        self.n_candidates, self.embed_dim, self.nvec = check_spaces(observation_space, action_space)
+                 hidden_size: int = 64, context_rows: int = 3, **kwargs: Any):
+        self.context_rows = int(context_rows)
+        self.n_candidates, self.embed_dim, self.nvec = check_spaces(observation_space, action_space,
+                                                                    self.context_rows)
         self.hidden_size = int(hidden_size)
         kwargs.setdefault("features_extractor_class", FlattenExtractor)  # parameter-free; we reshape back to rows
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
-        data.update(hidden_size=self.hidden_size)
+        data.update(hidden_size=self.hidden_size, context_rows=self.context_rows)
         return data
 
     def _build(self, lr_schedule) -> None:
         # Mirrors ActorCriticPolicy._build with our extractor and per-agent heads (built before the optimizer,
         # so the optimizer owns exactly these parameters).
-        self.mlp_extractor = FourAgentExtractor(self.n_candidates, self.embed_dim, self.hidden_size)
-        self.action_net = PerAgentHeads(self.hidden_size, self.nvec)
+        self.mlp_extractor = FourAgentExtractor(self.n_candidates, self.embed_dim, self.hidden_size,
+                                                context_rows=self.context_rows)
+        self.action_net = PerAgentHeads(2 * self.hidden_size, self.nvec)
         self.value_net = nn.Linear(self.mlp_extractor.latent_dim_vf, 1)
         if self.ortho_init:  # SB3's gains: sqrt(2) hidden layers, 0.01 policy output, 1 value output
             for module, gain in ((self.mlp_extractor, np.sqrt(2)), (self.action_net, 0.01), (self.value_net, 1.0)):
@@ -151,7 +175,7 @@ class FourAgentPolicy(ActorCriticPolicy):
     # ----- per-agent views (logging, tests, serving) -----
 
     def agent_logits(self, obs: th.Tensor | np.ndarray) -> list[th.Tensor]:
-        """Logits of each agent's categorical, in PATTERNS order; obs (B, 1+K, D) or (1+K, D)."""
+        """Logits of each agent's categorical, in PATTERNS order; obs (B, C+K, D) or (C+K, D)."""
         obs_t = self._as_tensor(obs)
         features = self.extract_features(obs_t, self.pi_features_extractor)
         logits = self.action_net(self.mlp_extractor.forward_actor(features))

@@ -4,9 +4,11 @@
     prompt = policy.personalize(["Toy Story (1995)", "Heat (1995)"], candidates=["Fargo (1996)", ...])
     prompt.messages  # chat messages for your LLM
 
-One-shot means one observation per user, the one the environment gives at the start of an episode: the state text
-of the task-wise prompt for this history (embedded by the same encoder), and the candidate titles' embeddings in the
-order given (zero rows when no candidates are given, or beyond the policy's K). The four agents then pick their
+One-shot means one observation per user, the one the environment gives at the start of an episode (built by the
+environment's own functions): the state text of the task-wise prompt for this history (embedded by the same
+encoder), the user's numeric features (genres looked up by title in the run's dataset; titles it does not know
+count as genre-less) and mean history embedding, and the candidate titles' embeddings in the order given (zero rows
+when no candidates are given, or beyond the policy's K). The four agents then pick their
 sentences greedily. This costs no LLM call at all; the caller makes the one ranking call with the returned prompt.
 """
 from __future__ import annotations
@@ -50,7 +52,11 @@ class PromptPolicy:
         if dim != self.encoder.dim:
             raise ValueError(f"the policy expects {dim}-d embeddings, encoder {cfg.encoder.model} gives "
                              f"{self.encoder.dim}")
-        self.n_candidates = rows - 1
+        from rpp.envs.core import CONTEXT_ROWS
+
+        self.n_candidates = rows - CONTEXT_ROWS
+        self._dataset = None
+        self._features = None
 
     @classmethod
     def load(cls, run_dir: str | Path) -> "PromptPolicy":
@@ -70,31 +76,40 @@ class PromptPolicy:
         history = tuple(str(t) for t in history_titles)
         if ratings is not None and len(ratings) != len(history):
             raise ValueError(f"{len(ratings)} ratings for {len(history)} history titles")
+        genres = self._genres_by_title()
         return UserContext(
             user=None, history_titles=history,
             history_ratings=tuple(float(r) for r in ratings) if ratings is not None else (math.nan,) * len(history),
-            history_genres=((),) * len(history),
+            history_genres=tuple(tuple(genres.get(t, ())) for t in history),
             candidate_titles=tuple(str(c) for c in candidates or ()),
         )
 
+    def _genres_by_title(self) -> dict:
+        if self._dataset is None:
+            from rpp.data import load_dataset
+            from rpp.envs.features import UserRows
+
+            self._dataset = load_dataset(self.cfg.data)
+            self._features = UserRows.fit(self._dataset, self.encoder.item_embeddings(self._dataset),
+                                          self.encoder.dim)
+            self._title_genres = {self._dataset.title(i): self._dataset.genres(i)
+                                  for i in self._dataset.items["item"].tolist()}
+        return self._title_genres
+
     def observation(self, history_titles: Sequence[str], candidates: Optional[Sequence[str]] = None,
                     ratings: Optional[Sequence[float]] = None) -> np.ndarray:
-        """The (1 + K, D) observation of the first step of an episode for this user."""
-        from rpp.envs import EpisodeState, StepCore
+        """The (CONTEXT_ROWS + K, D) observation of the first step of an episode for this user."""
+        from rpp.envs.core import observation, state_text
 
         ctx = self.context(history_titles, candidates, ratings)
-        state = EpisodeState(sample=None, context=ctx, candidate_embeddings=np.zeros((0, self.encoder.dim)),
-                             baseline=0.0, chosen=self.builder.taskwise(),
-                             last_order=list(range(len(ctx.candidate_titles))))
-        # the environment's own state text (one definition of what the agents see); it reads only the builder and
-        # the encoder settings of the core
-        text = StepCore.state_text(_StateTextSource(self.builder, self.cfg.encoder), state)
-        obs = np.zeros((1 + self.n_candidates, self.encoder.dim), dtype=np.float32)
-        obs[0] = self.encoder.encode([text])[0]
+        taskwise = self.builder.taskwise()
+        text = state_text(ctx, taskwise, self.builder.sentences(ctx, taskwise), 0, [], self.cfg.encoder)
+        history = self.encoder.encode(list(ctx.history_titles)) if ctx.history_titles else \
+            np.zeros((0, self.encoder.dim), dtype=np.float32)
+        user_rows = self._features.rows(ctx, history)
         shown = list(ctx.candidate_titles[:self.n_candidates])
-        if shown:
-            obs[1:1 + len(shown)] = self.encoder.encode(shown)
-        return obs
+        cand = self.encoder.encode(shown) if shown else np.zeros((0, self.encoder.dim), dtype=np.float32)
+        return observation(self.encoder.encode([text]), [user_rows], [cand], [0.0], self.n_candidates)[0]
 
     def choose(self, history_titles: Sequence[str], candidates: Optional[Sequence[str]] = None,
                ratings: Optional[Sequence[float]] = None) -> dict[str, str]:
@@ -108,11 +123,3 @@ class PromptPolicy:
         ids = self.choose(history_titles, candidates, ratings)
         chosen = {p: self.action_set.action(p, self.action_set.index(p, ids[p])) for p in PATTERNS}
         return self.builder.build(self.context(history_titles, candidates, ratings), chosen)
-
-
-class _StateTextSource:
-    """What StepCore.state_text reads from a core: the prompt builder and the encoder config."""
-
-    def __init__(self, builder, encoder_cfg) -> None:
-        self.builder = builder
-        self.encoder_cfg = encoder_cfg

@@ -27,13 +27,14 @@ from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.utils import set_random_seed
 
-from rpp.agents.callbacks import ResumableCheckpoint, RolloutMetrics
+from rpp.agents.callbacks import EntropySchedule, ResumableCheckpoint, RolloutMetrics
 from rpp.agents.checkpoints import (
     atomic_write_text, check_resume_config, latest_checkpoint, load_run_config, load_state, read_jsonl,
     set_rng_states, write_json,
 )
 from rpp.agents.policy import PATTERNS, FourAgentPolicy
 from rpp.config import Config
+from rpp.envs.core import CONTEXT_ROWS
 
 ALGORITHMS = {"ppo": PPO, "a2c": A2C}
 
@@ -44,7 +45,8 @@ def algorithm_kwargs(cfg: Config, n_envs: int) -> dict:
     t = cfg.train
     kwargs = dict(learning_rate=t.learning_rate, n_steps=cfg.rollout_steps, gamma=t.gamma, gae_lambda=t.gae_lambda,
                   ent_coef=t.ent_coef, vf_coef=t.vf_coef, max_grad_norm=t.max_grad_norm,
-                  policy_kwargs=dict(hidden_size=t.hidden_size), device=t.device, seed=cfg.seed, verbose=0)
+                  policy_kwargs=dict(hidden_size=t.hidden_size, context_rows=CONTEXT_ROWS), device=t.device,
+                  seed=cfg.seed, verbose=0)
     if t.algo == "ppo":
         # a minibatch larger than the rollout would just be the rollout; SB3 warns on a ragged last minibatch
         kwargs.update(batch_size=min(t.batch_size, n_envs * cfg.rollout_steps), n_epochs=t.n_epochs,
@@ -151,10 +153,15 @@ def train(cfg: Optional[Config], resume: str | Path | None = None,
         checkpoints = ResumableCheckpoint(
             run_dir, steps_per_rollout, cfg.train.checkpoint_every, resumed_at=resumed_at,
             extra_state=lambda: {"env": env.get_state(), "usage": metrics.usage_total().to_dict()})
+        ours = [metrics, checkpoints]
+        if cfg.train.ent_coef_final is not None:
+            schedule = EntropySchedule(cfg.train.ent_coef, cfg.train.ent_coef_final, total_timesteps)
+            model.ent_coef = schedule.value(model.num_timesteps)
+            ours.append(schedule)
         remaining = total_timesteps - model.num_timesteps
         if remaining > 0:
             model.learn(total_timesteps=remaining, reset_num_timesteps=checkpoint is None, log_interval=1,
-                        callback=CallbackList([metrics, checkpoints, *(callbacks or [])]))
+                        callback=CallbackList([*ours, *(callbacks or [])]))
 
         # ---- 8. final checkpoint, usage totals, learning curve ---------------------------------------------------
         checkpoints.init_callback(model)

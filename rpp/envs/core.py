@@ -5,14 +5,25 @@ prompts (with the RPP+ refiner's texts when one is attached), rank every user's 
 call, score the target's rank, and encode the next observations in one encoder batch. The three env faces only
 decide which users are in the batch and how results are packaged, so no step logic exists twice.
 
-Observation (per user): a (1 + K, dim) float32 array in [-1, 1]. Row 0 embeds the state text (the four current
-sentences, the recent history, and from step 1 on the top of the last ranking); rows 1..K embed the candidate titles
-in the order of the last ranking (the presented order before the first step), so a policy sees both the prompt it
-used and what the LLM made of it.
+Observation (per user): a (CONTEXT_ROWS + K, dim) float32 array in [-1, 1]:
+- row 0 embeds the state text (the four current sentences, the recent history, and from step 1 on the top of the
+  last ranking): the BERT state of RPP;
+- row 1 holds the user's numeric features (genre shares, history length, rating statistics; rpp.envs.features)
+  and, in its last slot, the episode step t / T;
+- row 2 is the mean embedding of the user's history titles;
+- rows CONTEXT_ROWS.. embed the candidate titles in the order of the last ranking (the presented order before the
+  first step), so a policy sees both the prompt it used and what the LLM made of it (the GRU reads these rows).
+Rows 1 and 2 are what let agents tell users apart: the state text of step 0 is nearly the same for everyone.
 
 Reward: NDCG@reward_k of the target in this step's ranking, minus the user's NDCG under the task-wise prompt when
 env.reward_baseline == "taskwise". That baseline is one extra ranker call per user, made at reset for all users
 being reset in one batch, and cached per user for the life of the core (a user's task-wise ranking never changes).
+A step whose ranking failed, or whose user's baseline call failed, earns reward 0 (no signal either way) and is
+counted (``StepCore.failed_baselines``, info["baseline_failed"]).
+
+Episodes end after T = env.steps_per_episode steps with terminated=True: the budget of LLM calls is part of the
+task, nothing follows the last prompt, so no value is bootstrapped past it (docs/architecture.md, "The RL
+formulation").
 
 Also here: ``UserStream`` (the seeded, cycling order in which a split's users are served) and ``SingleUserDriver``
 (one user at a time over the core, used by the Gymnasium and PettingZoo faces).
@@ -32,6 +43,10 @@ from rpp.llm.base import Ranker, Ranking, RankRequest
 from rpp.metrics import all_metrics, ndcg_at_k, target_rank
 from rpp.prompts import PATTERNS, Action, PromptBuilder, UserContext, load_action_set
 from rpp.envs.encoder import ItemEmbeddings, StateEncoder
+from rpp.envs.features import UserRows
+
+CONTEXT_ROWS = 3
+"""Observation rows before the candidate rows: state text, numeric user features (+ step), history embedding."""
 
 
 @dataclass
@@ -42,8 +57,11 @@ class EpisodeState:
     context: UserContext
     candidate_embeddings: np.ndarray
     """[n_candidates, dim], presented order."""
-    baseline: float
-    """NDCG of the task-wise prompt (0.0 when env.reward_baseline is "none" or the baseline call failed)."""
+    baseline: Optional[float]
+    """NDCG of the task-wise prompt (0.0 when env.reward_baseline is "none"; None when its call failed: the
+    episode then earns no reward)."""
+    user_rows: np.ndarray
+    """[2, dim]: the numeric user features and the history embedding (observation rows 1 and 2)."""
     chosen: dict
     """pattern -> the Action currently in the prompt (the task-wise choice before the first step)."""
     refined: dict = field(default_factory=dict)
@@ -51,6 +69,8 @@ class EpisodeState:
     last_order: list = field(default_factory=list)
     """Candidate indices of the last ranking, best first (presented order before the first step)."""
     step: int = 0
+    sentences: dict = field(default_factory=dict)
+    """pattern -> the sentence currently in the prompt (as built; what the state text shows)."""
 
     def applied_refinements(self) -> dict[str, str]:
         """Refined texts that belong to the currently chosen actions (a refinement of an action the agent has
@@ -107,11 +127,16 @@ class StepCore:
         self.steps_per_episode = self.env_cfg.steps_per_episode
         n_cand = max(len(s.candidates) for s in self.samples)
         self.obs_candidates = self.env_cfg.obs_candidates or n_cand
-        self.observation_space = spaces.Box(low=-1.0, high=1.0, shape=(1 + self.obs_candidates, encoder.dim),
+        self.observation_space = spaces.Box(low=-1.0, high=1.0,
+                                            shape=(CONTEXT_ROWS + self.obs_candidates, encoder.dim),
                                             dtype=np.float32)
         self.item_embeddings: ItemEmbeddings = encoder.item_embeddings(dataset)
+        self.user_features = UserRows.fit(dataset, self.item_embeddings, encoder.dim)
         self._contexts: dict = {}
+        self._user_rows: dict = {}
         self._baselines: dict = {}
+        self.failed_baselines = 0
+        """Task-wise baseline calls that failed (their users' episodes earned no reward)."""
         self.timings = StepTimings()
 
     # ------------------------------------------------------------------ helpers
@@ -140,42 +165,22 @@ class StepCore:
             raise RuntimeError(f"ranker returned {len(rankings)} rankings for {len(requests)} requests")
         return rankings, elapsed
 
-    def _ndcg(self, ranking: Ranking, sample: UserSample) -> tuple[int, float]:
-        rank = target_rank(ranking.order, sample.target_index)
-        return rank, float(ndcg_at_k([rank], self.env_cfg.reward_k)[0])
-
-    def state_text(self, state: EpisodeState) -> str:
-        """What the encoder sees: the four current sentences, the history window choice, recent history titles
-        and (after the first step) the top of the last ranking."""
-        ctx = state.context
-        sentences = self.builder.sentences(ctx, state.chosen, state.applied_refinements())
-        hist = state.chosen["history"]
-        lines = [f"{p}: {sentences[p] or '(none)'}" for p in PATTERNS]
-        shown = f"history window: last {hist.window}"
-        if hist.params.get("ratings"):
-            shown += ", with ratings"
-        if hist.params.get("note_last"):
-            shown += ", most recent named"
-        lines.append(shown)
-        n_hist = self.encoder_cfg.history_summary_items
-        if n_hist:
-            lines.append("recent: " + "; ".join(ctx.history_titles[-n_hist:]))
-        n_rank = self.encoder_cfg.ranking_summary_items
-        if state.step > 0 and n_rank:
-            lines.append("ranked first: " + "; ".join(ctx.candidate_titles[i] for i in state.last_order[:n_rank]))
-        return "\n".join(lines)
+    def user_rows(self, sample: UserSample) -> np.ndarray:
+        """[2, dim]: numeric user features and history embedding, computed once per user (history only)."""
+        rows = self._user_rows.get(sample.user)
+        if rows is None:
+            rows = self._user_rows[sample.user] = self.user_features.rows(
+                self.context(sample), self.item_embeddings.lookup(sample.history))
+        return rows
 
     def observe(self, states: Sequence[EpisodeState]) -> np.ndarray:
-        """[N, 1 + K, dim] float32: the N state texts encoded in one batch, candidate rows by lookup."""
-        k, dim = self.obs_candidates, self.encoder.dim
-        obs = np.zeros((len(states), 1 + k, dim), dtype=np.float32)
-        if not states:
-            return obs
-        obs[:, 0] = self.encoder.encode([self.state_text(s) for s in states])
-        for i, s in enumerate(states):
-            order = s.last_order[:k]
-            obs[i, 1:1 + len(order)] = s.candidate_embeddings[order]
-        return obs
+        """[N, CONTEXT_ROWS + K, dim] float32: the N state texts encoded in one batch, the rest by lookup."""
+        texts = [state_text(s.context, s.chosen, s.sentences, s.step, s.last_order, self.encoder_cfg)
+                 for s in states]
+        return observation(self.encoder.encode(texts) if states else np.zeros((0, self.encoder.dim)),
+                           [s.user_rows for s in states],
+                           [s.candidate_embeddings[s.last_order[:self.obs_candidates]] for s in states],
+                           [s.step / self.steps_per_episode for s in states], self.obs_candidates)
 
     # ------------------------------------------------------------------ reset
 
@@ -187,19 +192,21 @@ class StepCore:
         if self.env_cfg.reward_baseline == "taskwise":
             todo = list({s.user: s for s in samples if s.user not in self._baselines}.values())
             if todo:
-                requests = [RankRequest(messages=self.builder.build(self.context(s), taskwise).messages,
-                                        candidates=self.context(s).candidate_titles) for s in todo]
-                rankings, ranker_s = self._rank(requests)
+                rankings, ranker_s = self._rank([self.taskwise_request(s) for s in todo])
                 for s, r in zip(todo, rankings):
-                    if not r.failed:  # a failed call is retried at the user's next reset instead of cached
-                        self._baselines[s.user] = self._ndcg(r, s)[1]
+                    if r.failed:  # retried at the user's next reset instead of cached; this episode earns nothing
+                        self.failed_baselines += 1
+                    else:
+                        self._baselines[s.user] = self._ndcg(r, s)
         states = []
         for s in samples:
+            ctx = self.context(s)
+            baseline = self._baselines.get(s.user) if self.env_cfg.reward_baseline == "taskwise" else 0.0
             states.append(EpisodeState(
-                sample=s, context=self.context(s),
+                sample=s, context=ctx,
                 candidate_embeddings=self.item_embeddings.lookup(s.candidates),
-                baseline=self._baselines.get(s.user, 0.0), chosen=dict(taskwise),
-                last_order=list(range(len(s.candidates))),
+                baseline=baseline, user_rows=self.user_rows(s), chosen=dict(taskwise),
+                last_order=list(range(len(s.candidates))), sentences=self.builder.sentences(ctx, taskwise),
             ))
         obs = self.observe(states)
         t = self.timings
@@ -207,6 +214,14 @@ class StepCore:
         t.reset_s += time.perf_counter() - start
         t.reset_ranker_s += ranker_s
         return states, obs
+
+    def taskwise_request(self, sample: UserSample) -> RankRequest:
+        """The ranker request of the task-wise prompt for a user (the baseline; evaluation reuses it, so a cached
+        answer is shared)."""
+        return self.builder.request(self.context(sample), self.builder.taskwise())[1]
+
+    def _ndcg(self, ranking: Ranking, sample: UserSample) -> float:
+        return float(ndcg_at_k([target_rank(ranking.order, sample.target_index)], self.env_cfg.reward_k)[0])
 
     def reset_info(self, state: EpisodeState) -> dict:
         return {"user": state.sample.user, "step": 0, "baseline": state.baseline,
@@ -263,20 +278,26 @@ class StepCore:
             s.chosen = c
         if self.refiner is not None:
             self._refine(states, chosen)
-        prompts = [self.builder.build(s.context, s.chosen, s.applied_refinements()) for s in states]
-        requests = [RankRequest(messages=p.messages, candidates=s.context.candidate_titles)
-                    for p, s in zip(prompts, states)]
-        rankings, ranker_s = self._rank(requests)
+        prompts, requests = zip(*[self.builder.request(s.context, s.chosen, s.applied_refinements())
+                                  for s in states]) if states else ((), ())
+        rankings, ranker_s = self._rank(list(requests))
 
         rewards = np.zeros(len(states), dtype=np.float64)
         infos = []
+        k = self.env_cfg.reward_k
         for i, (s, prompt, ranking) in enumerate(zip(states, prompts, rankings)):
-            rank, ndcg = self._ndcg(ranking, s.sample)
+            rank = target_rank(ranking.order, s.sample.target_index)
+            metrics = {name: float(v[0]) for name, v in all_metrics([rank]).items()}
+            ndcg = metrics.get(f"ndcg@{k}")
+            if ndcg is None:
+                ndcg = float(ndcg_at_k([rank], k)[0])
             # a failed request comes back in presented order: its NDCG says nothing about the prompt, so it earns
-            # neither credit nor blame (it is counted in info and in the ranker's usage)
-            rewards[i] = 0.0 if ranking.failed else ndcg - s.baseline
+            # neither credit nor blame (it is counted in info and in the ranker's usage); nor does a step whose
+            # baseline is unknown (raw NDCG would reward the user effect)
+            rewards[i] = 0.0 if ranking.failed or s.baseline is None else ndcg - s.baseline
             s.step += 1
             s.last_order = list(ranking.order)
+            s.sentences = dict(prompt.sentences)
             infos.append({
                 "user": s.sample.user,
                 "step": s.step,
@@ -286,9 +307,10 @@ class StepCore:
                 "refined": s.applied_refinements(),
                 "ranking": list(ranking.order),
                 "target_rank": rank,
-                "metrics": {k: float(v[0]) for k, v in all_metrics([rank]).items()},
+                "metrics": metrics,
                 "ndcg": ndcg,
                 "baseline": s.baseline,
+                "baseline_failed": s.baseline is None,
                 "reward": float(rewards[i]),
                 "usage": RequestUsage(ranking.prompt_tokens, ranking.completion_tokens, ranking.wall_s,
                                       ranking.cached),
@@ -304,7 +326,8 @@ class StepCore:
         t.ranker_s += ranker_s
         return obs, rewards, infos
 
-    def truncated(self, state: EpisodeState) -> bool:
+    def done(self, state: EpisodeState) -> bool:
+        """The episode is over (terminated: T prompts were tried; nothing follows the last one)."""
         return state.step >= self.steps_per_episode
 
 
@@ -376,12 +399,13 @@ class SingleUserDriver:
         return obs[0], self.core.reset_info(self.state)
 
     def step(self, action) -> tuple[np.ndarray, float, bool, dict]:
+        """(obs, reward, terminated, info)."""
         if self.state is None:
             raise RuntimeError("call reset() before step()")
-        if self.core.truncated(self.state):
-            raise RuntimeError("the episode is over (truncated); call reset()")
+        if self.core.done(self.state):
+            raise RuntimeError("the episode is over; call reset()")
         obs, rewards, infos = self.core.step([self.state], np.asarray(action).reshape(1, -1))
-        return obs[0], float(rewards[0]), self.core.truncated(self.state), infos[0]
+        return obs[0], float(rewards[0]), self.core.done(self.state), infos[0]
 
 
 def core_or_make(core: "StepCore | None", cfg, split: str, ranker=None, refiner=None,
@@ -419,3 +443,41 @@ def make_core(cfg: Config, split: str, ranker: Ranker | None = None, encoder: St
         refiner = make_refiner(cfg)
     return StepCore(dataset, samples, builder, encoder, ranker, env_cfg=cfg.env, encoder_cfg=cfg.encoder,
                     seed=cfg.seed, refiner=refiner)
+
+
+# ---------------------------------------------------------------------- what the agents see (shared with serving)
+
+def state_text(context: UserContext, chosen: dict, sentences: dict, step: int, last_order: Sequence[int],
+               encoder_cfg: EncoderConfig) -> str:
+    """What the BERT encoder sees: the four current sentences, the history window choice, recent history titles
+    and (after the first step) the top of the last ranking. Used by the environment and by serving."""
+    hist = chosen["history"]
+    lines = [f"{p}: {sentences[p] or '(none)'}" for p in PATTERNS]
+    shown = f"history window: last {hist.window}"
+    if hist.params.get("ratings"):
+        shown += ", with ratings"
+    if hist.params.get("note_last"):
+        shown += ", most recent named"
+    lines.append(shown)
+    n_hist = encoder_cfg.history_summary_items
+    if n_hist:
+        lines.append("recent: " + "; ".join(context.history_titles[-n_hist:]))
+    n_rank = encoder_cfg.ranking_summary_items
+    if step > 0 and n_rank:
+        lines.append("ranked first: " + "; ".join(context.candidate_titles[i] for i in last_order[:n_rank]))
+    return "\n".join(lines)
+
+
+def observation(state_rows: np.ndarray, user_rows: Sequence[np.ndarray], candidate_rows: Sequence[np.ndarray],
+                progress: Sequence[float], k: int) -> np.ndarray:
+    """Assemble [N, CONTEXT_ROWS + k, dim] observations (layout in the module doc); `progress` is t / T, written
+    in the last slot of the numeric user row; candidate rows beyond k are dropped, missing ones stay zero."""
+    n, dim = len(user_rows), state_rows.shape[-1]
+    obs = np.zeros((n, CONTEXT_ROWS + k, dim), dtype=np.float32)
+    for i in range(n):
+        obs[i, 0] = state_rows[i]
+        obs[i, 1:CONTEXT_ROWS] = user_rows[i]
+        obs[i, 1, -1] = progress[i]
+        cand = candidate_rows[i][:k]
+        obs[i, CONTEXT_ROWS:CONTEXT_ROWS + len(cand)] = cand
+    return obs

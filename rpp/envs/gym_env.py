@@ -2,8 +2,9 @@
 
 An episode is T = env.steps_per_episode prompts tried for one user: each step the policy picks one action index per
 pattern (MultiDiscrete [n_role, n_history, n_reasoning, n_format]), the ranker ranks that user's candidates, and the
-reward is the target's NDCG (minus the task-wise baseline). The episode is truncated after T steps and never
-terminates (there is no goal state, only a budget of LLM calls). All the work happens in the shared StepCore.
+reward is the target's NDCG (minus the task-wise baseline). The episode terminates after T steps: the budget of
+LLM calls is part of the task and nothing follows the last prompt (it is not a time-out of a longer task, so no
+value is bootstrapped past it). All the work happens in the shared StepCore.
 """
 from __future__ import annotations
 
@@ -36,5 +37,5 @@ class PromptPersonalizationEnv(gym.Env):
         return self.driver.reset(seed=seed, options=options)
 
     def step(self, action) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
-        obs, reward, truncated, info = self.driver.step(action)
-        return obs, reward, False, truncated, info
+        obs, reward, terminated, info = self.driver.step(action)
+        return obs, reward, terminated, False, info

@@ -1,7 +1,7 @@
 """The PettingZoo face: the four prompt agents (role, history, reasoning, format) as a ParallelEnv.
 
 Each agent has its own Discrete action space (its pattern's action set) and sees the same observation; all four
-get the same reward, because the ranker judges the prompt they wrote together. Episodes are one user, truncated after
+get the same reward, because the ranker judges the prompt they wrote together. Episodes are one user and terminate after
 env.steps_per_episode steps, exactly as in the Gymnasium face (both drive the shared StepCore).
 """
 from __future__ import annotations
@@ -49,14 +49,14 @@ class PromptPersonalizationParallelEnv(ParallelEnv):
         if missing:
             raise ValueError(f"missing actions for agent(s) {', '.join(missing)}: all four agents act every step")
         vector = np.array([int(actions[a]) for a in PATTERNS], dtype=np.int64)
-        obs, reward, truncated, info = self.driver.step(vector)
+        obs, reward, terminated, info = self.driver.step(vector)
         agents = self.agents
         observations = {a: obs.copy() for a in agents}
         rewards = {a: reward for a in agents}
-        terminations = {a: False for a in agents}
-        truncations = {a: truncated for a in agents}
+        terminations = {a: terminated for a in agents}
+        truncations = {a: False for a in agents}
         infos = {a: dict(info) for a in agents}
-        if truncated:
+        if terminated:
             self.agents = []
         return observations, rewards, terminations, truncations, infos
 

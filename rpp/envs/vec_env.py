@@ -3,8 +3,9 @@
 SB3's DummyVecEnv would step N single envs one after another, i.e. N separate ranker calls; here the N users are
 the batch dimension of a single StepCore call (one padded forward on a local model, N concurrent requests to a
 server). Finished episodes are reset automatically to the next users of the stream, following SB3's conventions
-(``terminal_observation`` and ``TimeLimit.truncated`` in the info of the finishing step); their task-wise baselines
-cost at most one more batched call.
+(``terminal_observation`` in the info of the finishing step). An episode ends TERMINATED after T steps, never
+flagged ``TimeLimit.truncated``: nothing follows the last prompt, so SB3 must not add gamma * V(terminal obs) to
+the last reward. Their task-wise baselines cost at most one more batched call.
 
 All N episodes start together and last exactly T steps, so they always finish on the same step: the batch of
 running episodes was drawn from the stream as one block. ``get_state()`` returns the stream position where the
@@ -67,14 +68,13 @@ class BatchedPromptVecEnv(VecEnv):
             raise RuntimeError("step_wait() without step_async()")
         obs, rewards, infos = self.core.step(self.states, self._actions)
         self._actions = None
-        dones = np.array([self.core.truncated(s) for s in self.states], dtype=bool)
+        dones = np.array([self.core.done(s) for s in self.states], dtype=bool)
         if dones.any():
             done_idx = np.flatnonzero(dones)
             if dones.all():
                 self._block_start = self.stream.get_state()
             for i in done_idx:
                 infos[i]["terminal_observation"] = obs[i].copy()
-                infos[i]["TimeLimit.truncated"] = True
             new_states, new_obs = self.core.reset(self.stream.take(len(done_idx)))
             for j, i in enumerate(done_idx):
                 self.states[i] = new_states[j]

@@ -1,0 +1,102 @@
+"""The learner's own test: train the four agents against the planted-interaction ranker and score how many users
+get their group's best prompt (rpp.llm.planted has the rule; experiments/bench_planted.py runs it over seeds and
+rules; a small version is in the test suite).
+
+A learner that personalizes must reach, on held-out users, (a) the share of users whose agents pick their group's
+best actions and (b) a mean NDCG close to the planted oracle (every user with their group's best actions). Beside
+them the table shows the task-wise prompt and the best FIXED prompt (one combination for every user, chosen with
+the label on the same users: an upper bound for any fixed prompt): a learner that collapses to one prompt for everyone lands at
+or below the best fixed prompt, however well it trained. All of them are measured like the policy, with the rule's
+seeded noise (the same user and prompt always get the same draw).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from rpp.config import Config
+
+
+def planted_check(cfg: Config, progress: bool = False) -> dict:
+    """Train a run on cfg (whose llm.backend must be 'planted') and evaluate it greedily on cfg.eval.split."""
+    if cfg.llm.backend != "planted":
+        raise ValueError("planted_check needs llm.backend: planted")
+    from rpp.agents.evaluate import run_policy
+    from rpp.agents.serving import load_algorithm
+    from rpp.agents.checkpoints import latest_checkpoint
+    from rpp.agents.train import train
+    from rpp.envs import StateEncoder, make_core
+    from rpp.llm import make_ranker
+
+    start = time.perf_counter()
+    run_dir = train(cfg, progress=progress)
+    train_s = time.perf_counter() - start
+    ranker = make_ranker(cfg)
+    core = make_core(cfg, cfg.eval.split, ranker=ranker, encoder=StateEncoder(cfg.encoder))
+    model = load_algorithm(cfg, latest_checkpoint(run_dir))
+    samples = core.samples[:cfg.eval.n_users] if cfg.eval.n_users else core.samples
+    records = run_policy(model.policy, core, samples, steps=cfg.eval.steps, batch_size=cfg.env.n_envs)
+    return summarize_planted(ranker, core, records, cfg.env.reward_k) | {
+        "train_s": round(train_s, 1), "run_dir": str(run_dir),
+    }
+
+
+def summarize_planted(ranker, core, records: list[dict], k: int = 10) -> dict:
+    """Scores of greedy evaluation records against the planted rule (see the module doc)."""
+    rule = ranker.rule
+    users = [r["user"] for r in records]
+    taskwise = {p: a.id for p, a in core.builder.taskwise().items()}
+    hits = [all(r["actions"][p] == ranker.optimal_actions(r["user"])[p] for p in rule.agents) for r in records]
+    policy_ndcg = np.array([r["metrics"][f"ndcg@{k}"] for r in records])
+    oracle = np.array([ranker.ndcg(u, {**taskwise, **ranker.optimal_actions(u)}, k) for u in users])
+    taskwise_ndcg = np.array([ranker.ndcg(u, taskwise, k) for u in users])
+    ids = {p: [a.id for a in core.action_set.actions[p]] for p in rule.agents}
+    best_fixed, best_combo = -1.0, None
+    for combo in itertools.product(*(ids[p] for p in rule.agents)):
+        actions = {**taskwise, **dict(zip(rule.agents, combo))}
+        value = float(np.mean([ranker.ndcg(u, actions, k) for u in users]))
+        if value > best_fixed:
+            best_fixed, best_combo = value, dict(zip(rule.agents, combo))
+    prompts = Counter(tuple(sorted(r["actions"].items())) for r in records)
+    shares = np.array(list(prompts.values()), dtype=float) / len(records)
+    groups = Counter(ranker.group[u] for u in users)
+    return {
+        "rule": rule.model_dump(),
+        "n_users": len(records),
+        "group_sizes": [groups.get(g, 0) for g in range(rule.groups)],
+        "optimal_share": float(np.mean(hits)),
+        "optimal_share_by_group": [float(np.mean([h for h, u in zip(hits, users) if ranker.group[u] == g]))
+                                   if groups.get(g) else math.nan for g in range(rule.groups)],
+        "policy_ndcg": float(policy_ndcg.mean()),
+        "oracle_ndcg": float(oracle.mean()),
+        "ndcg_vs_oracle": float(policy_ndcg.mean() / oracle.mean()) if oracle.mean() > 0 else math.nan,
+        "best_fixed_ndcg": best_fixed,
+        "best_fixed": best_combo,
+        "taskwise_ndcg": float(taskwise_ndcg.mean()),
+        "distinct_prompts": len(prompts),
+        "prompt_entropy_bits": float(-(shares * np.log2(shares)).sum()),
+    }
+
+
+def passes(result: dict, share: float = 0.95, of_oracle: float = 0.95) -> bool:
+    """The acceptance bar of the planted check."""
+    return result["optimal_share"] >= share and result["ndcg_vs_oracle"] >= of_oracle
+
+
+def planted_config(base: Config, groups: int, seed: int, runs_dir: str | Path, **rule) -> Config:
+    """`base` (e.g. experiments/ml100k.yaml) with the planted ranker in place of the LLM; everything the learner
+    sees and its whole budget stay as configured."""
+    cfg = base.model_copy(deep=True)
+    cfg.name = f"planted-g{groups}-s{seed}"
+    cfg.seed = seed
+    cfg.llm.backend = "planted"
+    cfg.llm.seed = seed
+    cfg.llm.planted = cfg.llm.planted.model_copy(update={"groups": groups, **rule})
+    cfg.train.check_users = 0
+    cfg.train.runs_dir = str(runs_dir)
+    return cfg
