@@ -5,11 +5,13 @@ Same users, same task-wise prompts (tests/vllm_server.py: taskwise_requests), th
      all candidates as a prompt list (text), the same with token-id prompts, each with max_tokens 1 and 0; seconds,
      and per-title log-prob sums against the local float32 backend (max |diff|, same order or not);
   2. seconds per user through rpp (`OpenAIRanker`, score mode) at concurrency 1 and 8, next to the local backend.
-The servers: vLLM (float32, eager, from .venv-vllm: `make vllm`) and llama-cpp-python's server on the Q4_1 GGUF
-(`make server`). Run it alone on an idle machine; it starts and stops each server itself.
+The servers: vLLM (float32, eager, from .venv-vllm: `make vllm`), also as two replicas behind vllm-router, and
+llama-cpp-python's server on the Q4_1 GGUF (`make server`). Run it alone on an idle machine; it starts and stops
+each server itself. The runs behind experiments/results/serving.md:
 
-    python experiments/bench_serving.py --users 3
-    python experiments/bench_serving.py --servers vllm --users 2 --concurrency 1 8
+    python experiments/bench_serving.py --servers local vllm vllm-2cores --users 3 --concurrency 1 8 --generate 8
+    python experiments/bench_serving.py --servers vllm-router --users 3 --concurrency 8 --shapes --generate 8
+    python experiments/bench_serving.py --servers llamacpp --users 1 --concurrency 1 8 --shapes 2 3 4
 """
 from __future__ import annotations
 
@@ -113,8 +115,10 @@ def start_servers(name: str, llama_threads: int) -> list:
     """The servers for `name`, started; the last one is the one to talk to."""
     if name == "llamacpp":
         return [LlamaServer(gguf_path(MODEL), alias=MODEL, threads=llama_threads).start(timeout_s=300)]
-    if name == "vllm":
+    if name == "vllm":  # vLLM's CPU default: compute on one core, the other left to the API process
         return [VllmServer(smollm2_float32_folder()).start(timeout_s=600)]
+    if name == "vllm-2cores":
+        return [VllmServer(smollm2_float32_folder(), extra_env={"VLLM_CPU_OMP_THREADS_BIND": "0-1"}).start(600)]
     replicas = []
     try:
         for core in ("0", "1"):  # one replica per core: data parallelism on this 2-core machine
@@ -125,6 +129,15 @@ def start_servers(name: str, llama_threads: int) -> list:
         for r in replicas:
             r.stop()
         raise
+
+
+def warm_up(servers: list, prompt: str) -> None:
+    """One score request to each model server, outside the timing: a fresh server's first requests are slower."""
+    import openai
+
+    for server in servers[:-1] if len(servers) > 1 else servers:  # the replicas, not the router
+        client = openai.OpenAI(base_url=server.base_url, api_key="no-key-needed", max_retries=0, timeout=1800)
+        client.completions.create(model=MODEL, prompt=prompt, echo=True, logprobs=1, max_tokens=1, temperature=0.0)
 
 
 def bench_generate(name, base_url, requests, concurrency) -> dict:
@@ -144,8 +157,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--users", type=int, default=3)
     ap.add_argument("--servers", nargs="+", default=["local", "vllm", "llamacpp"],
-                    choices=["local", "vllm", "llamacpp", "vllm-router"],
-                    help="vllm-router: two vLLM replicas, one core each, behind vllm-router (round robin)")
+                    choices=["local", "vllm", "vllm-2cores", "llamacpp", "vllm-router"],
+                    help="vllm: one server, vLLM's default core binding (one core computes); vllm-2cores: one "
+                         "server computing on both cores; vllm-router: two vLLM replicas, one core each, behind "
+                         "vllm-router (round robin)")
     ap.add_argument("--concurrency", type=int, nargs="*", default=[1, 8],
                     help="score mode through rpp at these concurrencies (none: skip)")
     ap.add_argument("--generate", type=int, default=0, metavar="CONCURRENCY",
@@ -180,6 +195,7 @@ def main() -> None:
         results["startup_s"][name] = round(time.perf_counter() - t0, 1)
         base_url = servers[-1].base_url
         try:
+            warm_up(servers, template(requests[0].messages) + requests[0].candidates[0])
             shapes = [SHAPES[i] for i in args.shapes]
             results["shapes"] += bench_shapes(name, base_url, requests[0], local_sums[0], template,
                                               loaded.tokenizer, shapes)

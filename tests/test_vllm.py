@@ -6,6 +6,7 @@ plain-text echo, see tests/test_llm_openai.py), and it rejects requests it canno
 """
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -33,16 +34,27 @@ def vllm_server():
     yield server
     server.stop()
     assert not server.alive_processes(), "a process of the vLLM server outlived its teardown"
+    assert not server.scratch.exists(), "the vLLM server's scratch folder outlived its teardown"
 
 
-def ranker(server: VllmServer, **kw) -> OpenAIRanker:
-    args = dict(model=server.served_name, base_url=server.base_url, mode="score", concurrency=8, timeout_s=300,
-                max_retries=1, backoff_base_s=0.01, backoff_max_s=0.05)
-    args.update(kw)
-    return OpenAIRanker(**args)
+@pytest.fixture
+def ranker(vllm_server):
+    """Makes OpenAIRankers for the session's server (score mode unless told) and closes them after the test."""
+    made = []
+
+    def make(**kw) -> OpenAIRanker:
+        args = dict(model=vllm_server.served_name, base_url=vllm_server.base_url, mode="score", concurrency=8,
+                    timeout_s=300, max_retries=1, backoff_base_s=0.01, backoff_max_s=0.05)
+        args.update(kw)
+        made.append(OpenAIRanker(**args))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.close()
 
 
-def test_probe_reads_vllm_echo_directly(vllm_server):
+def test_probe_reads_vllm_echo_directly(vllm_server, ranker):
     """vLLM pairs each prompt token with its OWN log-prob (the first token has none): the echo of the probe text
     equals, token by token, what the local float32 model computes on the same token ids, and the probe says
     "direct"."""
@@ -51,7 +63,7 @@ def test_probe_reads_vllm_echo_directly(vllm_server):
 
     from rpp.llm.local import load_model
 
-    remote = ranker(vllm_server)
+    remote = ranker()
     text = remote.template(openai_backend.PROBE_MESSAGES) + openai_backend.PROBE_PROMPT + openai_backend.PROBE_ANSWER
     client = openai.OpenAI(base_url=vllm_server.base_url, api_key="no-key-needed", max_retries=0, timeout=120)
     resp = client.completions.create(model=vllm_server.served_name, prompt=text, echo=True, logprobs=1,
@@ -69,11 +81,11 @@ def test_probe_reads_vllm_echo_directly(vllm_server):
     assert remote.probe() == "direct"
 
 
-def test_score_mode_orders_equal_the_local_backend(vllm_server, smollm_ranker):
+def test_score_mode_orders_equal_the_local_backend(ranker, smollm_ranker):
     """Task-wise prompts of 3 ML-100K test users, 20 candidates each: the same orders as the local float32 backend,
     per-title scores within SCORE_TOLERANCE."""
     requests = taskwise_requests(3)
-    remote = ranker(vllm_server)
+    remote = ranker()
     got = remote.rank(requests)
     want = smollm_ranker.rank(requests)
     assert remote.echo_mode == "direct"
@@ -85,8 +97,8 @@ def test_score_mode_orders_equal_the_local_backend(vllm_server, smollm_ranker):
     assert usage.failures == 0 and usage.calls == len(requests) and usage.prompt_tokens > 0
 
 
-def test_generate_mode(vllm_server):
-    gen = ranker(vllm_server, mode="generate", max_new_tokens=60)
+def test_generate_mode(ranker):
+    gen = ranker(mode="generate", max_new_tokens=60)
     requests = taskwise_requests(2, mode="generate")
     first, second = gen.rank(requests), gen.rank(requests)
     for a, b in zip(first, second):
@@ -95,15 +107,16 @@ def test_generate_mode(vllm_server):
     assert gen.usage.snapshot().completion_tokens > 0
 
 
-def test_requests_vllm_rejects_are_clear_counted_failures(vllm_server, monkeypatch):
+def test_requests_vllm_rejects_are_clear_counted_failures(ranker, monkeypatch):
     """A prompt past the context length and a logprobs count above vLLM's limit (20) are rejected with HTTP 400:
     each comes back at once (no retries) as a failed ranking in presented order, with vLLM's reason, and counted."""
-    remote = ranker(vllm_server, max_retries=3)
-    too_long = RankRequest(({"role": "user", "content": "Toy Story (1995), " * 1200},), ("Fargo (1996)", "Heat (1995)"))
+    remote = ranker(max_retries=3)
+    too_long = RankRequest(({"role": "user", "content": "Toy Story (1995), " * 1200},),  # ~8,000 tokens > 2,048
+                           ("Fargo (1996)", "Heat (1995)"))
     ok = taskwise_requests(1)[0]
     out = remote.rank([too_long, ok])
     assert out[0].failed and out[0].order == [0, 1] and out[0].retries == 0
-    assert "BadRequest" in out[0].error and "context length" in out[0].error.lower()
+    assert "BadRequest" in out[0].error and re.search(r"maximum (context|model) length", out[0].error)
     assert not out[1].failed
     usage = remote.usage.snapshot()
     assert usage.failures == 1 and usage.calls == 2

@@ -4,11 +4,12 @@ It runs from its own virtualenv (`make vllm` builds `.venv-vllm`: vLLM pins a to
 and serves the embedded SmolLM2 from its converted safetensors folder in the asset cache. Start-up is bounded: the
 server is polled on /v1/models until it answers, and a server that exits or does not answer in time fails with the
 tail of its log. The server and every process it spawns (vLLM runs its engine in a child process) live in their
-own process group, and `stop()` ends the whole group.
+own process group, and `stop()` ends the whole group and removes the server's scratch folder (its log and TMPDIR).
 """
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -38,10 +39,13 @@ class ServedProcess:
     name = "server"
 
     def __init__(self, cmd: list[str], env: dict, port: int) -> None:
-        self.cmd, self.env, self.port = cmd, env, port
+        # a scratch folder of its own, removed by stop(): the log, and TMPDIR (vLLM leaves files in its TMPDIR)
+        self.scratch = Path(tempfile.mkdtemp(prefix="rpp-served-"))
+        self.cmd, self.port = cmd, port
+        self.env = {**env, "TMPDIR": str(self.scratch)}
         self.proc: subprocess.Popen | None = None
-        self._log_file = tempfile.NamedTemporaryFile(prefix=f"{self.name}-", suffix=".log", delete=False)
-        self.log_path = Path(self._log_file.name)
+        self.log_path = self.scratch / "server.log"
+        self._log_file = self.log_path.open("wb")
         self.startup_s: float | None = None
 
     @property
@@ -61,9 +65,10 @@ class ServedProcess:
         deadline = started + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                tail = self.log_tail()
                 self.stop()
                 raise RuntimeError(f"the {self.name} exited with {self.proc.returncode} while starting; "
-                                   f"log tail:\n{self.log_tail()}")
+                                   f"log tail:\n{tail}")
             try:
                 with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as r:
                     if r.status == 200:
@@ -71,13 +76,17 @@ class ServedProcess:
                         return self
             except OSError:
                 time.sleep(1.0)
+        tail = self.log_tail()
         self.stop()
         raise RuntimeError(f"the {self.name} did not answer on {self.base_url}/models within {timeout_s:.0f} s; "
-                           f"log tail:\n{self.log_tail()}")
+                           f"log tail:\n{tail}")
 
     def stop(self, grace_s: float = 20.0) -> None:
-        """End the whole process group: SIGTERM, then SIGKILL for whatever is left after `grace_s`."""
+        """End the whole process group (SIGTERM, then SIGKILL for whatever is left after `grace_s`) and remove
+        the scratch folder."""
         if self.proc is None:
+            self._log_file.close()
+            shutil.rmtree(self.scratch, ignore_errors=True)
             return
         pgid = self.proc.pid  # start_new_session: the server leads its own group
         _signal_group(pgid, signal.SIGTERM)
@@ -97,6 +106,7 @@ class ServedProcess:
         while _group_alive(pgid) and time.monotonic() < end:
             time.sleep(0.1)
         self._log_file.close()
+        shutil.rmtree(self.scratch, ignore_errors=True)
 
     def alive_processes(self) -> bool:
         """Whether any process of the group is still there (for the no-leftovers check)."""
