@@ -2,28 +2,35 @@
 
     rpp data stats     [--config FILE] [--set k=v ...]
     rpp assets fetch   [--force]        | rpp assets status
-    rpp actions show   [FILE]           | rpp actions validate FILE
-    rpp cache stats    [--config FILE]  | rpp cache clear [--config FILE]
-    rpp train          --config FILE [--set k=v ...] [--resume RUN_DIR] [--no-cache]
-    rpp evaluate       --run RUN_DIR [--split test] [--steps T] [--users N] [--no-cache]
+    rpp actions show   [FILE] [--config FILE] [--set k=v ...] | rpp actions validate FILE
+    rpp cache stats    [--config FILE] [--set k=v ...] | rpp cache clear [--config FILE] [--set k=v ...]
+    rpp train          [--config FILE] [--set k=v ...] [--no-cache]
+    rpp train          --resume RUN_DIR [--config FILE] [--set k=v ...] [--no-cache]
+    rpp evaluate       --run RUN_DIR [--split test] [--steps T] [--users N] [--set k=v ...] [--no-cache]
     rpp benchmark      --config FILE [--set k=v ...] [--no-cache]
-    rpp demo           [--config FILE] [--set k=v ...]
+    rpp demo           [--config FILE] [--set k=v ...] [--no-cache]
+
+Every command that reads a config takes --set; every command that ranks takes --no-cache (= --set llm.cache=false).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from pathlib import Path
+
+
+def _overrides(args) -> list[str]:
+    """--set overrides, then --no-cache as llm.cache=false."""
+    overrides = list(getattr(args, "set", None) or [])
+    if getattr(args, "no_cache", False):
+        overrides.append("llm.cache=false")
+    return overrides
 
 
 def _config(args) -> "Config":  # noqa: F821
     from rpp.config import load_config
 
-    overrides = list(getattr(args, "set", None) or [])
-    if getattr(args, "no_cache", False):
-        overrides.append("llm.cache=false")
-    return load_config(getattr(args, "config", None), overrides)
+    return load_config(getattr(args, "config", None), _overrides(args))
 
 
 def cmd_data_stats(args) -> int:
@@ -77,7 +84,7 @@ def cmd_assets_status(args) -> int:
 def cmd_actions_show(args) -> int:
     from rpp.prompts import format_action_set, load_action_set
 
-    print(format_action_set(load_action_set(args.file)))
+    print(format_action_set(load_action_set(args.file or _config(args).prompt.action_spaces)))
     return 0
 
 
@@ -91,21 +98,26 @@ def cmd_actions_validate(args) -> int:
 
 
 def _response_cache(args):
-    from rpp.config import cache_root
-    from rpp.llm.cache import ResponseCache
+    from rpp.llm import ResponseCache, default_cache_path
 
-    cfg = _config(args)
-    return ResponseCache(Path(cfg.llm.cache_path) if cfg.llm.cache_path else cache_root() / "responses.sqlite")
+    return ResponseCache(default_cache_path(_config(args).llm))
 
 
 def cmd_cache_stats(args) -> int:
-    print(json.dumps(_response_cache(args).stats(), indent=2))
+    cache = _response_cache(args)
+    try:
+        print(json.dumps(cache.stats(), indent=2))
+    finally:
+        cache.close()
     return 0
 
 
 def cmd_cache_clear(args) -> int:
     cache = _response_cache(args)
-    cache.clear()
+    try:
+        cache.clear()
+    finally:
+        cache.close()
     print("response cache cleared")
     return 0
 
@@ -114,9 +126,13 @@ def cmd_train(args) -> int:
     from rpp.agents import train
 
     if args.resume and not args.config:
-        run_dir = train(None, resume=args.resume)
+        from rpp.agents.checkpoints import load_run_config
+
+        # the run's own config, with --set / --no-cache on top (train refuses changes a resume may not make)
+        cfg = load_run_config(args.resume, _overrides(args)) if _overrides(args) else None
     else:
-        run_dir = train(_config(args), resume=args.resume)
+        cfg = _config(args)
+    run_dir = train(cfg, resume=args.resume)
     print(f"run directory: {run_dir}")
     return 0
 
@@ -124,9 +140,8 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from rpp.agents import evaluate
 
-    overrides = list(args.set or []) + (["llm.cache=false"] if args.no_cache else [])
     result = evaluate(args.run, split=args.split, steps=args.steps, n_users=args.users,
-                      cfg_overrides=overrides or None)
+                      cfg_overrides=_overrides(args) or None)
     print(result.table())
     return 0
 
@@ -167,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     assets.add_parser("status", help="which assets are cached and verified").set_defaults(func=cmd_assets_status)
 
     actions = sub.add_parser("actions", help="action sets").add_subparsers(dest="actions_command", required=True)
-    p = actions.add_parser("show", help="print an action set (default: the built-in one)")
+    p = with_config(actions.add_parser("show", help="print an action set (default: the config's "
+                                                     "prompt.action_spaces, the built-in one unless set)"))
     p.add_argument("file", nargs="?")
     p.set_defaults(func=cmd_actions_show)
     p = actions.add_parser("validate", help="validate an action-set YAML file")
@@ -198,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_benchmark)
 
     p = with_config(sub.add_parser("demo", help="fetch, train on a small budget, evaluate, print the table"))
+    p.add_argument("--no-cache", action="store_true", help="bypass the LLM response cache")
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -208,7 +225,7 @@ def _known_errors() -> tuple:
     from rpp.config import ConfigError
     from rpp.data import DataError
 
-    errors = [AssetError, ConfigError, DataError, FileNotFoundError]
+    errors = [AssetError, ConfigError, DataError, FileNotFoundError, FileExistsError]
     try:
         from rpp.prompts import ActionSetError
 

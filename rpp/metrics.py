@@ -155,3 +155,23 @@ def check_above_random(ranks, n_candidates, k: int = 10, n_boot: int = 1000, see
     gain = bootstrap_ci(values - rnd, n_boot=n_boot, alpha=alpha, seed=seed)
     return RandomCheck(metric=f"ndcg@{k}", ranker=float(values.mean()), random=float(rnd.mean()), gain=gain,
                        threshold=threshold, passes=bool(gain.low > 0 and gain.mean >= threshold))
+
+
+def adjust_p_values(p_values, method: str = "holm") -> np.ndarray:
+    """Family-wise corrected p-values for testing several hypotheses at once (capped at 1).
+
+    bonferroni: p * m. holm: Holm's step-down version, never larger than Bonferroni and as strict about the
+    family-wise error rate: the i-th smallest p (0-based) times (m - i), made non-decreasing in that order."""
+    p = np.asarray(p_values, dtype=np.float64)
+    if p.ndim != 1 or np.any((p < 0) | (p > 1)) or np.isnan(p).any():
+        raise ValueError("p_values must be a flat sequence of numbers in [0, 1]")
+    m = p.size
+    if method == "bonferroni":
+        return np.minimum(p * m, 1.0)
+    if method != "holm":
+        raise ValueError(f"unknown correction {method!r} (holm or bonferroni)")
+    order = np.argsort(p, kind="stable")
+    stepped = np.maximum.accumulate(p[order] * (m - np.arange(m)))
+    out = np.empty(m)
+    out[order] = np.minimum(stepped, 1.0)
+    return out

