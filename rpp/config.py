@@ -234,9 +234,116 @@ class BenchmarkConfig(_Section):
     enumeration_budget: int = Field(24, ge=1)
     """Prompt combinations tried on validation users (all of them when there are fewer)."""
     enumeration_val_users: int = Field(100, ge=1)
+    per_user_prompts: int = Field(6, ge=2)
+    """per_user_select and label_oracle: the K prompt combinations each user chooses from (the task-wise one plus
+    K - 1 seeded others, as enumeration draws them). per_user_select costs K + 1 ranker calls per test user."""
     output_dir: str = "experiments/results"
     bpr_factors: int = Field(64, ge=1)
     bpr_iterations: int = Field(100, ge=1)
+
+
+class PapRecConfig(_Section):
+    """PAP-REC (rpp.benchmark.papprec; Li et al., arXiv 2402.00284): the task-wise prompt plus a suffix of
+    `n_shared` trigger tokens and one user token right before the scored answer, searched with first-order
+    (HotFlip/AutoPrompt) candidates and kept only when HR@5 + NDCG@5 improves on validation data. The data of a
+    user come from the history only: validation = the last history item, training = the `train_positions` items
+    before it; no test target is read. Needs the local backend in score mode with the sum reduction (gradients
+    through the ranker's model)."""
+
+    n_shared: int = Field(5, ge=0)
+    """Shared (task) trigger tokens; the paper uses 5."""
+    top_k: int = Field(5, ge=1)
+    """Candidate tokens per slot and round, by -embedding . gradient; the paper uses 5."""
+    init_word: str = "the"
+    """Every trigger slot starts as this word (it must be one whole-word token of the ranker's vocabulary)."""
+    train_users: int = Field(50, ge=1)
+    """Training users (the split's first ones) whose histories train the shared tokens. Cost per shared round:
+    train_users * (train_positions forward+backward passes + top_k ranking requests)."""
+    train_positions: int = Field(2, ge=1)
+    """History items before the validation item whose NLL gradients drive the search (per user)."""
+    max_rounds: int = Field(10, ge=1)
+    """Shared rounds at most, each followed by a user round over the training users; the search stops earlier
+    when every shared position failed in a row."""
+    personal_rounds: int = Field(3, ge=1)
+    """papprec_personal: user rounds per test user at most (stops at the first round that changes nothing). Cost
+    per test user and round: train_positions forward+backward passes + top_k ranking requests."""
+    kv_cache_samples: int = Field(32, ge=0)
+    """Prompt prefixes (before the trigger slot) whose KV cache is kept between rounds (about 12-25 MB each for
+    SmolLM2-135M with a 15-item history)."""
+
+
+class TextGeneratorConfig(_Section):
+    """A text generator (rpp.llm.make_generator), configured like the refiner's: the local model by default, or any
+    OpenAI-compatible chat model."""
+
+    backend: Literal["local", "openai"] = "local"
+    """local: greedy generation with a transformers model; openai: any OpenAI-compatible chat server."""
+    model: str = "smollm2-135m-instruct"
+    """local: an embedded asset name or a model folder; openai: the server's model name."""
+    base_url: Optional[str] = None
+    """openai only: e.g. http://127.0.0.1:8000/v1."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """openai only: the NAME of the environment variable holding the key."""
+    temperature: float = Field(0.0, ge=0)
+    """0 = greedy (reproducible, and what makes the generation cache exact)."""
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(3, ge=0)
+    concurrency: int = Field(8, ge=1)
+
+
+DEFAULT_PROFILE_PROMPT = (
+    "Here are the last {n_items} {item_noun_plural} a user watched, oldest first:\n{history}\n\n"
+    "Describe this user's taste in two short sentences: the genres, moods and periods they like."
+)
+"""AGP's initial profile-generation prompt. Fields: {history} (required: the numbered recent titles with their
+genres), {n_items}, {item_noun}, {item_noun_plural}."""
+
+DEFAULT_AGP_SUMMARIZER = (
+    "A prompt wrote a short taste profile for each user below; a recommender then ranked the {item_noun} the user "
+    "chose next using that profile. Position feedback per user (the weight is 1 / actual position):\n"
+    "{feedback}\n\n"
+    "In at most three sentences, say what the profiles should describe better so that the chosen {item_noun} "
+    "ranks higher."
+)
+"""AGP's feedback summary request. Fields: {feedback} (required), {item_noun}."""
+
+DEFAULT_AGP_OPTIMIZER = (
+    "Improve this prompt, which asks for a user's taste profile from their recent {item_noun_plural}.\n\n"
+    "Current prompt:\n{prompt}\n\n"
+    "What the profiles lacked: {summary}\n\n"
+    "Write the improved prompt only. Keep the text {{history}} exactly once: it is where the list of "
+    "{item_noun_plural} goes."
+)
+"""AGP's rewrite request. Fields: {prompt} and {summary} (required), {item_noun}, {item_noun_plural}; write a
+literal brace as {{ or }}."""
+
+
+class AGPConfig(_Section):
+    """AGP (rpp.benchmark.agp; arXiv 2504.03965): ONE profile-generation prompt, optimized on training users with
+    position feedback ("ranked 7th, should be 1st", weighted by 1 / position), summarized per batch; an optimizer
+    LLM rewrites the prompt and the rewrite is kept only if the batch's NDCG@10 improves (verify step). The ranking
+    prompt is the task-wise prompt with the user's profile before the reasoning sentence. A rewrite that is not a
+    usable prompt (no answer, empty, no {history} field, unknown fields, too long) is rejected and counted; with no
+    accepted rewrite the initial prompt stays. Generations are cached next to the refiner's rewrites."""
+
+    generator: TextGeneratorConfig = Field(default_factory=TextGeneratorConfig)
+    """The profile writer, the summarizer and the optimizer (one model)."""
+    train_users: int = Field(100, ge=1)
+    """Training users the prompt is optimized on (the split's first ones; the paper uses about 100)."""
+    batch_size: int = Field(10, ge=1)
+    """Users per feedback batch; one summary, one rewrite and one verification per batch."""
+    history_items: int = Field(5, ge=1)
+    """Recent history items the profile is written from (also profile_fixed's window)."""
+    profile_prompt: str = DEFAULT_PROFILE_PROMPT
+    summarizer_instruction: str = DEFAULT_AGP_SUMMARIZER
+    optimizer_instruction: str = DEFAULT_AGP_OPTIMIZER
+    max_profile_chars: int = Field(400, ge=20)
+    """A profile is cut to this many characters before it goes into the ranking prompt."""
+    max_prompt_chars: int = Field(1200, ge=50)
+    """A rewritten profile prompt longer than this is rejected as too_long."""
+    profile_max_new_tokens: int = Field(80, ge=1)
+    summary_max_new_tokens: int = Field(120, ge=1)
+    rewrite_max_new_tokens: int = Field(200, ge=1)
 
 
 class Config(_Section):
@@ -253,6 +360,10 @@ class Config(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     refiner: RefinerConfig = Field(default_factory=RefinerConfig)
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
+    papprec: PapRecConfig = Field(default_factory=PapRecConfig)
+    """benchmark method `papprec` (rows papprec_shared, papprec_personal)."""
+    agp: AGPConfig = Field(default_factory=AGPConfig)
+    """benchmark methods `agp` and `profile_fixed`."""
 
     @model_validator(mode="after")
     def _check_consistency(self) -> "Config":

@@ -54,10 +54,13 @@ class BenchContext:
     fit_users: list
     train_interactions: pd.DataFrame = field(repr=False)
     ranker_factory: Optional[Callable[[], Ranker]] = field(default=None, repr=False)
+    train_users: list = field(default_factory=list, repr=False)
+    """The split's training users (disjoint from validation and test users): what PAP-REC and AGP train on."""
     _ranker: Optional[Ranker] = field(default=None, init=False, repr=False)
     _builder: object = field(default=None, init=False, repr=False)
     _encoder: object = field(default=None, init=False, repr=False)
     _contexts: dict = field(default_factory=dict, init=False, repr=False)
+    _negatives: Optional[tuple] = field(default=None, init=False, repr=False)
 
     @property
     def seed(self) -> int:
@@ -182,6 +185,11 @@ class Method:
 
     def refiner_stats(self) -> Optional[dict]:
         """RPP+ methods: the refiner's counts on the test users (rpp.prompts.refiner.Refiner.stats); else None."""
+        return None
+
+    def cost(self) -> Optional[dict]:
+        """What a method spent outside the benchmark's metered ranker (rpp.benchmark.report.COST_KEYS: its own
+        ranking requests, text generations, forward/backward passes), or None when everything went through it."""
         return None
 
 
@@ -520,6 +528,37 @@ register("random_policy")(lambda ctx: [RandomPolicyMethod(ctx)])
 register("popularity")(lambda ctx: [PopularityMethod(ctx)])
 register("bpr")(lambda ctx: [BPRMethod(ctx)])
 register("random")(lambda ctx: [RandomRankingMethod(ctx)])
+
+
+def _per_user(kind: str):
+    def factory(ctx: BenchContext) -> list:
+        from rpp.benchmark.per_user import LabelOracleMethod, PerUserSelectMethod
+
+        return [PerUserSelectMethod(ctx) if kind == "per_user_select" else LabelOracleMethod(ctx)]
+    return factory
+
+
+register("per_user_select")(_per_user("per_user_select"))  # rpp.benchmark.per_user
+register("label_oracle")(_per_user("label_oracle"))  # an upper bound that reads the test label, never a method
+
+
+def _papprec(ctx: BenchContext) -> list:
+    from rpp.benchmark.papprec import papprec_methods
+
+    return papprec_methods(ctx)
+
+
+def _agp(name: str):
+    def factory(ctx: BenchContext) -> list:
+        from rpp.benchmark.agp import agp_methods
+
+        return agp_methods(ctx, name)
+    return factory
+
+
+register("papprec")(_papprec)  # rows papprec_shared, papprec_personal (rpp.benchmark.papprec)
+register("profile_fixed")(_agp("profile_fixed"))  # rpp.benchmark.agp
+register("agp")(_agp("agp"))
 
 
 def policy_methods(ctx: BenchContext, run_dir: str) -> list[Method]:

@@ -18,9 +18,17 @@ import pandas as pd
 from rpp.metrics import METRIC_NAMES, all_metrics, paired_test, summarize
 
 RUN_DEPENDENT_COLUMNS = ("fit_s", "rank_s", "infer_s_per_user", "train_paid_calls", "infer_paid_calls",
-                         "train_cache_hits", "infer_cache_hits")
+                         "train_cache_hits", "infer_cache_hits", "cost_train_s")
 """results.csv columns that legitimately differ between two runs of one config (wall time; what the response
 cache answered). Every other column, and all of per_user.csv, must be identical across runs with one seed."""
+
+
+COST_KEYS = ("train_requests", "train_generations", "train_users", "infer_requests", "infer_generations",
+             "forward_passes", "backward_passes", "infer_forward_passes", "infer_backward_passes", "train_s")
+"""What a method may report through Method.cost(), all totals over the run: ranking requests it scored itself
+(outside the metered ranker; added to train_requests / infer_requests_per_user), text generations (model and cache
+answers alike), the users it trained on, model forward/backward passes it ran itself (all, and those spent while
+ranking test users), and its own training time. results.csv holds each as a cost_<key> column."""
 
 
 @dataclass
@@ -62,6 +70,8 @@ class MethodResult:
     """A trained policy's own training-run usage (calls, tokens), read from its run directory."""
     refiner: Optional[dict] = None
     """RPP+ rows: the refiner's counts on the test users (rpp.prompts.refiner.Refiner.stats)."""
+    cost: Optional[dict] = None
+    """What the method spent outside the metered ranker (Method.cost(); keys in COST_KEYS), or None."""
     metrics: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -89,17 +99,20 @@ def results_table(results: Sequence[MethodResult], reference: Optional[str], n_b
             row.update({"ndcg@10_diff_vs_ref": math.nan, "ndcg@10_rel_vs_ref": math.nan, "p_vs_ref": math.nan})
         row["val_ndcg@10"] = r.val_ndcg10 if r.val_ndcg10 is not None else math.nan
         tu = r.training_usage or {}
+        own = r.cost or {}
         row.update({
-            "train_requests": r.fit_usage.requests + int(tu.get("requests", 0)),
+            "train_requests": r.fit_usage.requests + int(tu.get("requests", 0)) + int(own.get("train_requests", 0)),
             "train_tokens": r.fit_usage.tokens + int(tu.get("tokens", 0)),
             "train_users": n_fit_users if r.fit_usage.requests else int(tu.get("users", 0)),
-            "infer_requests_per_user": r.infer_usage.requests / n if n else math.nan,
+            "infer_requests_per_user": (r.infer_usage.requests + int(own.get("infer_requests", 0))) / n
+            if n else math.nan,
             "infer_tokens_per_user": r.infer_usage.tokens / n if n else math.nan,
             "failed_users": int(r.failed.sum()),
             "train_paid_calls": r.fit_usage.paid_calls, "train_cache_hits": r.fit_usage.cache_hits,
             "infer_paid_calls": r.infer_usage.paid_calls, "infer_cache_hits": r.infer_usage.cache_hits,
             "fit_s": r.fit_s, "rank_s": r.rank_s, "infer_s_per_user": r.rank_s / n if n else math.nan,
         })
+        row.update({f"cost_{k}": own[k] if k in own else math.nan for k in COST_KEYS})
         st = r.refiner or {}
         row.update({
             "refine_requests_per_user": refine_requests_per_user(r) if st and n else math.nan,
@@ -297,4 +310,37 @@ def refiner_markdown(results: Sequence[MethodResult]) -> list[str]:
             lines.append(f"| {plain.name} | {plus.name} | {plain.metrics['ndcg@10'].mean():.4f} | "
                          f"{plus.metrics['ndcg@10'].mean():.4f} | {t.mean_diff:+.4f} | {_pval(t.p_value)} | "
                          f"{changed} of {plus.refiner['sentences']} |")
+    return lines + [""]
+
+
+def cost_markdown(results: Sequence[MethodResult]) -> list[str]:
+    """The cost section of the rows that report their own cost (PAP-REC, AGP): LLM calls for training and per
+    test user, forward/backward passes, wall time; empty when no row does."""
+    rows = [r for r in results if r.cost]
+    if not rows:
+        return []
+    lines = ["## Cost of the seed methods", "",
+             "Per row: `train calls` = ranking requests + text generations spent before ranking test users "
+             "(through the shared ranker and the method's own scorer; cache answers included), on `train users`; "
+             "`infer calls/user` = ranking requests + generations per test user (PAP-REC's personal row searches "
+             "each test user's token here); `fwd`/`bwd` = model forward/backward passes the method ran itself "
+             "(PAP-REC; inference share in brackets); `fit s` = the method's training time (rows that share one "
+             "training, like the two PAP-REC rows, both show it), `rank s` = time ranking the test users, in this run "
+             "(generations and ranking requests answered by a cache cost almost nothing).", "",
+             "| method | train calls (rank + gen.) | train users | infer calls/user (rank + gen.) | fwd (infer) | "
+             "bwd (infer) | fit s | rank s | rank s/user |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        c, n = r.cost, len(r.ranks)
+        train_rank = r.fit_usage.requests + int(c.get("train_requests", 0))
+        train_gen = int(c.get("train_generations", 0))
+        infer_rank = (r.infer_usage.requests + int(c.get("infer_requests", 0))) / n if n else math.nan
+        infer_gen = int(c.get("infer_generations", 0)) / n if n else math.nan
+        fwd = f"{int(c['forward_passes'])} ({int(c.get('infer_forward_passes', 0))})" if "forward_passes" in c else "-"
+        bwd = f"{int(c['backward_passes'])} ({int(c.get('infer_backward_passes', 0))})" \
+            if "backward_passes" in c else "-"
+        lines.append(f"| {r.name} | {train_rank + train_gen} ({train_rank} + {train_gen}) | "
+                     f"{int(c.get('train_users', 0))} | {infer_rank + infer_gen:.2f} ({infer_rank:.2f} + "
+                     f"{infer_gen:.2f}) | {fwd} | {bwd} | {c.get('train_s', r.fit_s):.1f} | {r.rank_s:.1f} | "
+                     f"{r.rank_s / n if n else math.nan:.2f} |")
     return lines + [""]

@@ -25,8 +25,8 @@ import yaml
 
 from rpp.benchmark.methods import BenchContext, BenchmarkError, Method, build_methods, ranks_of
 from rpp.benchmark.report import (
-    Meter, MethodResult, df_markdown, markdown_table, per_user_table, plot_ndcg, plot_position_bias,
-    refiner_markdown, results_table,
+    Meter, MethodResult, cost_markdown, df_markdown, markdown_table, per_user_table, plot_ndcg,
+    plot_position_bias, refiner_markdown, results_table,
 )
 from rpp.config import Config, redact
 from rpp.llm.base import Ranker, Ranking
@@ -126,7 +126,8 @@ def run_benchmark(cfg: Config, *, ranker: Optional[Ranker] = None, command: Opti
         return MeteredRanker(make_ranker(cfg))
 
     ctx = BenchContext(cfg=cfg, dataset=dataset, fit_users=list(fit_users),
-                       train_interactions=split.train_interactions, ranker_factory=make)
+                       train_interactions=split.train_interactions, ranker_factory=make,
+                       train_users=list(split.train))
     methods = build_methods(ctx, cfg.benchmark.methods, cfg.benchmark.runs)
     say(f"benchmark '{cfg.name}': {len(methods)} methods on {len(test_users)} test users "
         f"({len(fit_users)} validation users for choices)")
@@ -147,7 +148,7 @@ def run_benchmark(cfg: Config, *, ranker: Optional[Ranker] = None, command: Opti
                            failed=_failed_flags(rankings),
                            fit_usage=m1 - m0, infer_usage=m2 - m1, fit_s=t1 - t0, rank_s=t2 - t1,
                            val_ndcg10=m.val_ndcg10, training_usage=m.training_usage(),
-                           refiner=m.refiner_stats())
+                           refiner=m.refiner_stats(), cost=m.cost())
         results.append(res)
         fitted.append(m)
         say(f"  {m.name:28s} NDCG@10 {res.metrics['ndcg@10'].mean():.4f}  "
@@ -244,6 +245,7 @@ def _write_markdown(out_dir: Path, cfg: Config, table, results: Sequence[MethodR
         "",
     ]
     lines += refiner_markdown(results)
+    lines += cost_markdown(results)
     lines += ["## Methods", ""]
     for r in results:
         lines.append(f"- **{r.name}** ({r.family}): {r.notes}")
