@@ -83,7 +83,8 @@ class LLMConfig(_Section):
     max_new_tokens: int = Field(256, ge=1)
     seed: int = 0
     bootstrap: int = Field(1, ge=1)
-    """Rank B shuffled orders of the candidates and sum the scores (against position bias)."""
+    """Rank B shuffled orders of the shown candidate list and sum the scores (against position bias); needs the
+    list in the prompt (generate mode, or prompt.show_candidates in score mode)."""
     batch_size: int = Field(1, ge=1)
     """local only: requests per forward pass. On CPU one is fastest: left-padding a batch to its longest prompt
     costs more than batching saves (16 per pass measured 0.7x the speed of 16 single passes, see
@@ -372,6 +373,13 @@ class Config(_Section):
             raise ValueError(
                 f"train.n_steps ({n_steps}) must be a multiple of env.steps_per_episode "
                 f"({self.env.steps_per_episode}) so that rollouts end on episode boundaries"
+            )
+        if self.llm.bootstrap > 1 and self.llm.mode == "score" and not self.prompt.show_candidates:
+            raise ValueError(
+                f"llm.bootstrap={self.llm.bootstrap} shuffles the candidate list shown to the model, but score mode "
+                "shows none unless prompt.show_candidates is true (each title is scored on its own, so every "
+                "shuffle would give the same scores at B times the cost): set prompt.show_candidates=true or "
+                "llm.bootstrap=1"
             )
         return self
 

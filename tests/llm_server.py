@@ -6,10 +6,12 @@ The fake endpoint reads a directive from the last message (chat) or the prompt (
   FAULT=SLEEP     sleeps past any sane timeout       FAULT=DROP  closes the connection without answering
   FAULT=GARBAGE   answers 200 with invalid JSON      FAULT=FLAKY answers 500 twice per prompt, then normally
   FAULT=400       answers 400 (a client error: not worth retrying)
+  FAULT=NOCHOICES answers 200 with valid JSON that has no choices
   ECHO=NONE       completions without logprobs       (default)   a normal answer
 A normal chat answer lists the numbers 1..n of the "N. title" lines it sees in reverse order; a normal
 completions answer echoes whitespace tokens with log-prob -1 each (-0.2 for " Paris": a CORRECT echo).
-Every request is counted per directive in `hits`, so tests can count retries from the server's side too.
+Every request is counted per directive in `hits`, so tests can count retries from the server's side too, and every
+accepted TCP connection in `connections` (HTTP/1.1 keep-alive: a client that keeps its pool reuses one).
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ class FakeEndpoint:
     def __init__(self, latency_s: float = 0.0, sleep_s: float = 30.0) -> None:
         self.latency_s, self.sleep_s = latency_s, sleep_s
         self.hits: Counter = Counter()
+        self.connections = 0
         self._seen: Counter = Counter()
         self._lock = threading.Lock()
         endpoint = self
@@ -47,6 +50,11 @@ class FakeEndpoint:
 
             def log_message(self, *args) -> None:  # keep test output clean
                 pass
+
+            def setup(self) -> None:  # once per accepted connection
+                with endpoint._lock:
+                    endpoint.connections += 1
+                super().setup()
 
             def do_POST(self) -> None:  # noqa: N802 - http.server API
                 body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
@@ -95,6 +103,8 @@ class FakeEndpoint:
             return None
         if directive == "FAULT=GARBAGE":
             return self._send_raw(h, 200, b'{"choices": [ this is not json')
+        if directive == "FAULT=NOCHOICES":
+            return self._send(h, 200, {"id": "fake", "object": "chat.completion", "created": 0})
         if h.path.endswith("/chat/completions"):
             return self._send(h, 200, self._chat(body, text))
         if h.path.endswith("/completions"):

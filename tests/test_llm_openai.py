@@ -36,29 +36,119 @@ def make(fake, **kw) -> OpenAIRanker:
 
 def test_faults_are_retried_boundedly_counted_and_do_not_spoil_the_batch(fake):
     ranker = make(fake)
-    tags = ["ok-1", "FAULT=500", "FAULT=429", "FAULT=SLEEP", "FAULT=DROP", "FAULT=GARBAGE", "FAULT=FLAKY", "ok-2"]
+    tags = ["ok-1", "FAULT=500", "FAULT=429", "FAULT=SLEEP", "FAULT=DROP", "FAULT=GARBAGE", "FAULT=NOCHOICES",
+            "FAULT=FLAKY", "ok-2"]
     fake.hits.clear()
     out = ranker.rank([gen_request(t) for t in tags])
+    ranker.close()
     assert len(out) == len(tags)
     by_tag = dict(zip(tags, out))
     for tag in ("ok-1", "ok-2", "FAULT=FLAKY"):  # FLAKY: two 500s, then it answers
         r = by_tag[tag]
         assert not r.failed and r.order == [2, 1, 0] and r.coverage == 1.0
     assert by_tag["FAULT=FLAKY"].retries == 2
-    for tag in ("FAULT=500", "FAULT=429", "FAULT=SLEEP", "FAULT=DROP", "FAULT=GARBAGE"):
+    typed = {"FAULT=500": "ServerError", "FAULT=429": "RateLimitError", "FAULT=SLEEP": "LLMTimeoutError",
+             "FAULT=DROP": "ServerError"}
+    for tag, error in typed.items():  # transport and server errors: retried, then a counted failure
         r = by_tag[tag]
-        assert r.failed and r.order == [0, 1, 2] and r.retries == 2 and r.error
+        assert r.failed and not r.unparseable and r.order == [0, 1, 2] and r.retries == 2
+        assert r.error.startswith(error + ":"), r.error
         assert fake.hits[tag] == 3  # first attempt + max_retries, never more
+    for tag in ("FAULT=GARBAGE", "FAULT=NOCHOICES"):  # a malformed answer: the same request gets it again
+        r = by_tag[tag]
+        assert r.failed and r.unparseable and r.order == [0, 1, 2] and r.retries == 0
+        assert r.error.startswith("UnparseableResponse:"), r.error
+        assert fake.hits[tag] == 1
     usage = ranker.usage.snapshot()
-    assert usage.failures == 5 and usage.retries == 5 * 2 + 2 and usage.calls == len(tags)
-    assert ranker.usage.batches == 1
+    assert usage.failures == 6 and usage.unparseable == 2 and usage.retries == 4 * 2 + 2
+    assert usage.calls == len(tags) and ranker.usage.batches == 1
+
+
+def test_a_server_error_is_retried_exactly_max_retries_times(fake):
+    for max_retries in (0, 1, 3):
+        ranker = make(fake, max_retries=max_retries)
+        fake.hits.clear()
+        r = ranker.rank([gen_request(f"FAULT=500 #{max_retries}")])[0]
+        ranker.close()
+        assert fake.hits["FAULT=500"] == max_retries + 1
+        assert r.failed and r.retries == max_retries and r.error.startswith("ServerError:")
+        assert ranker.usage.snapshot().retries == max_retries
+
+
+def test_a_timeout_is_a_counted_failure_after_its_retries():
+    with FakeEndpoint(sleep_s=3.0) as slow:
+        ranker = make(slow, timeout_s=0.3, max_retries=1)
+        r = ranker.rank([gen_request("FAULT=SLEEP"), gen_request("fine")])
+        ranker.close()
+        assert slow.hits["FAULT=SLEEP"] == 2 and slow.hits["OK"] == 1
+    assert r[0].failed and r[0].retries == 1 and r[0].error.startswith("LLMTimeoutError:")
+    assert not r[1].failed and r[1].order == [2, 1, 0]
+    usage = ranker.usage.snapshot()
+    assert usage.failures == 1 and usage.unparseable == 0 and usage.retries == 1 and usage.calls == 2
+
+
+def test_a_bug_of_ours_while_reading_an_answer_is_raised_not_retried_nor_counted(fake, monkeypatch):
+    from rpp.llm import openai_backend
+
+    ranker = make(fake, mode="score", template=lambda msgs: "Question: " + msgs[-1]["content"] + "\nAnswer:")
+    req = RankRequest(({"role": "user", "content": "pick"},), CANDS)
+    assert not ranker.rank([req])[0].failed  # the probe and a normal scoring work
+
+    def broken(resp, title, echo_mode):
+        raise TypeError("a bug in our reading of the echo")
+
+    monkeypatch.setattr(openai_backend, "title_logprobs", broken)
+    fake.hits.clear()
+    with pytest.raises(TypeError, match="a bug in our reading"):
+        ranker.rank([req])
+    ranker.close()
+    assert fake.hits["OK"] == len(CANDS)  # one call per candidate, none retried
+    assert ranker.usage.snapshot().failures == 0
+
+
+def test_one_client_and_one_connection_for_the_backends_lifetime():
+    """rank() after rank(), from plain code and from inside a running event loop, reuses the backend's one
+    AsyncOpenAI client, so the server sees one keep-alive connection, not one per call."""
+    import asyncio
+
+    with FakeEndpoint() as server:
+        ranker = make(server, concurrency=1)
+        for i in range(3):
+            assert ranker.rank([gen_request(f"call {i}")])[0].order == [2, 1, 0]
+
+        async def inside_a_loop():
+            return ranker.rank([gen_request("from a coroutine")])
+
+        assert asyncio.run(inside_a_loop())[0].order == [2, 1, 0]
+        assert server.hits["OK"] == 4 and server.connections == 1
+        assert ranker.client.sdk_clients_created == 1
+        ranker.close()
+        ranker.rank([gen_request("after close")])  # a closed backend starts a new client when used again
+        assert ranker.client.sdk_clients_created == 2 and server.connections == 2
+        ranker.close()
+
+
+def test_generator_counts_malformed_answers_apart(fake):
+    from rpp.llm.openai_backend import OpenAIGenerator
+
+    gen = OpenAIGenerator(model="fake", base_url=fake.base_url, timeout_s=2.0, max_retries=2, backoff_base_s=0.01,
+                          backoff_max_s=0.05)
+    fake.hits.clear()
+    out = gen.generate([({"role": "user", "content": "FAULT=GARBAGE"},), ({"role": "user", "content": "1. a"},)],
+                       max_new_tokens=8)
+    gen.close()
+    assert out == [None, "1. [1]"] and fake.hits["FAULT=GARBAGE"] == 1
+    usage = gen.usage.snapshot()
+    assert usage.failures == 1 and usage.unparseable == 1 and usage.retries == 0
 
 
 def test_non_retryable_client_error_fails_at_once(fake):
     ranker = make(fake)
     fake.hits.clear()
     r = ranker.rank([gen_request("FAULT=400")])[0]
+    ranker.close()
     assert r.failed and r.retries == 0 and "BadRequest" in r.error and fake.hits["FAULT=400"] == 1
+    assert r.error.startswith("LLMCallError:") and not r.unparseable
     assert ranker.usage.snapshot().failures == 1
 
 

@@ -7,6 +7,10 @@ import pytest
 
 from rpp.config import PromptConfig
 from rpp.data import UserSample
+from rpp.llm import (
+    CANDIDATES_PLACEHOLDER, BootstrapRanker, Ranker, Ranking, RankRequest, format_candidate_list, parse_ranking,
+    render_candidates,
+)
 from rpp.prompts import PATTERNS, ActionSetError, PromptBuilder, UserContext, load_action_set, pluralize
 from rpp.prompts.builder import fill_placeholders
 
@@ -72,14 +76,89 @@ def test_missing_ratings_are_left_out(actions):
 
 def test_candidate_list_only_when_asked_or_in_generate_mode(actions, ctx):
     chosen = pick(actions)
-    hidden = PromptBuilder(actions, PromptConfig(), "movie").build(ctx, chosen).messages[1]["content"]
-    assert "Cand A" not in hidden
+    hidden = PromptBuilder(actions, PromptConfig(), "movie").build(ctx, chosen)
+    assert "Cand A" not in hidden.text and CANDIDATES_PLACEHOLDER not in hidden.messages[1]["content"]
+    assert hidden.rendered_messages == hidden.messages
     shown = PromptBuilder(actions, PromptConfig(show_candidates=True), "movie").build(ctx, chosen)
-    assert "Candidate movies:\n1. Cand A\n2. Cand B\n3. Cand C" in shown.messages[1]["content"]
+    # the ranker gets the marker (it writes the list in the order it presents the candidates) ...
+    assert f"Candidate movies:\n{CANDIDATES_PLACEHOLDER}" in shown.messages[1]["content"]
+    assert "Cand A" not in shown.messages[1]["content"]
+    # ... and the prompt read by people (or sent to an LLM by hand) has it written out in presented order
+    assert "Candidate movies:\n1. Cand A\n2. Cand B\n3. Cand C" in shown.rendered_messages[1]["content"]
+    assert "Candidate movies:\n1. Cand A\n2. Cand B\n3. Cand C" in shown.text
     generate = PromptBuilder(actions, PromptConfig(), "movie", mode="generate").build(ctx, chosen)
-    content = generate.messages[1]["content"]
+    content = generate.rendered_messages[1]["content"]
     assert "1. Cand A" in content and content.endswith("one per line, and nothing else.")
     assert "Rank all 3 candidate movies" in content
+    assert CANDIDATES_PLACEHOLDER in generate.messages[1]["content"]
+
+
+class SpyRanker(Ranker):
+    """Records every request it is sent; answers like a model that puts the FIRST item of the shown list first
+    (in generate mode: the numbered answer "1." parsed against the list the model saw)."""
+
+    identity = "spy"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.received: list[RankRequest] = []
+
+    def rank(self, requests):
+        out = []
+        for req in requests:
+            req = render_candidates(req)  # what every real backend does first
+            self.received.append(req)
+            parsed = parse_ranking("1.", req.candidates)
+            out.append(Ranking(order=parsed.order, coverage=parsed.coverage))
+        return out
+
+
+@pytest.mark.parametrize("mode", ["score", "generate"])
+def test_bootstrap_shows_the_model_each_shuffled_list(actions, ctx, mode):
+    """llm.bootstrap through the real builder: every shuffled order of the candidates is the list the model SEES,
+    and a numbered answer is mapped back through the list it answered about."""
+    titles = tuple(f"Cand {c}" for c in "ABCDEFGH")
+    ctx = UserContext(user=ctx.user, history_titles=ctx.history_titles, history_ratings=ctx.history_ratings,
+                      history_genres=ctx.history_genres, candidate_titles=titles)
+    builder = PromptBuilder(actions, PromptConfig(show_candidates=(mode == "score")), "movie", mode=mode)
+    prompt = builder.build(ctx, pick(actions))
+    spy = SpyRanker()
+    boot = BootstrapRanker(spy, bootstrap=4, seed=3)
+    request = RankRequest(prompt.messages, titles)
+    ranking = boot.rank([request])[0]
+
+    assert len(spy.received) == 4
+    shown_lists = []
+    for sent in spy.received:
+        content = sent.messages[1]["content"]
+        assert CANDIDATES_PLACEHOLDER not in content
+        listing = format_candidate_list(sent.candidates)
+        assert f"Candidate movies:\n{listing}\n" in content  # the model sees the order it is scored in
+        assert content.replace(listing, "<list>") == prompt.text.split("[user]\n", 1)[1].replace(
+            format_candidate_list(titles), "<list>")  # nothing else of the prompt changes
+        shown_lists.append(sent.candidates)
+    assert shown_lists[0] == titles and len(set(shown_lists)) == 4
+    # each "1." answer credits the candidate shown first in that list (Borda: n - 1 points)
+    firsts = [lst[0] for lst in shown_lists]
+    assert ranking.scores is not None
+    for title in set(firsts):
+        assert ranking.scores[titles.index(title)] >= (len(titles) - 1) * firsts.count(title)
+
+
+def test_bootstrap_refuses_a_prompt_that_shows_no_list(actions, ctx):
+    prompt = PromptBuilder(actions, PromptConfig(), "movie", mode="score").build(ctx, pick(actions))
+    boot = BootstrapRanker(SpyRanker(), bootstrap=3)
+    with pytest.raises(ValueError, match="show_candidates"):
+        boot.rank([RankRequest(prompt.messages, ctx.candidate_titles)])
+
+
+def test_bootstrap_in_score_mode_needs_the_list_shown_config_error():
+    from rpp.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="llm.bootstrap=3 .*prompt.show_candidates"):
+        load_config(None, ["llm.bootstrap=3"])
+    assert load_config(None, ["llm.bootstrap=3", "prompt.show_candidates=true"]).llm.bootstrap == 3
+    assert load_config(None, ["llm.bootstrap=3", "llm.mode=generate"]).llm.bootstrap == 3
 
 
 def test_none_actions_leave_no_trace(actions, ctx):

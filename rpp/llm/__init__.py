@@ -14,18 +14,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from rpp.llm.base import (
-    CANDIDATES_PLACEHOLDER, BootstrapRanker, LLMError, LLMTimeoutError, RankRequest, Ranker, Ranking,
-    RateLimitError, ScoreModeUnsupported, ServerError, TextGenerator, Usage, UsageTracker,
+    CANDIDATES_PLACEHOLDER, BootstrapRanker, LLMCallError, LLMError, LLMTimeoutError, RankRequest, Ranker, Ranking,
+    RateLimitError, ScoreModeUnsupported, ServerError, TextGenerator, UnparseableResponse, Usage, UsageTracker,
     format_candidate_list, render_candidates,
 )
 from rpp.llm.cache import CachedRanker, ResponseCache, request_key
 from rpp.llm.parsing import ParseResult, order_from_scores, parse_ranking
 
 __all__ = [
-    "CANDIDATES_PLACEHOLDER", "BootstrapRanker", "CachedRanker", "LLMError", "LLMTimeoutError", "ParseResult",
-    "RankRequest", "Ranker", "Ranking", "RateLimitError", "ResponseCache", "ScoreModeUnsupported", "ServerError",
-    "TextGenerator", "Usage", "UsageTracker", "default_cache_path", "format_candidate_list", "make_backend",
-    "make_generator", "make_ranker", "order_from_scores", "parse_ranking", "render_candidates", "request_key",
+    "CANDIDATES_PLACEHOLDER", "BootstrapRanker", "CachedRanker", "LLMCallError", "LLMError", "LLMTimeoutError",
+    "ParseResult", "RankRequest", "Ranker", "Ranking", "RateLimitError", "ResponseCache", "ScoreModeUnsupported",
+    "ServerError", "TextGenerator", "UnparseableResponse", "Usage", "UsageTracker", "default_cache_path",
+    "format_candidate_list", "make_backend", "make_generator", "make_ranker", "order_from_scores", "parse_ranking",
+    "render_candidates", "request_key",
 ]
 
 

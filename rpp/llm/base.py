@@ -4,6 +4,11 @@ A ``RankRequest`` is a prompt (chat messages) plus the candidate titles in prese
 order over those candidates (indices, best first) with per-candidate scores where the backend knows them, the
 share of candidates the model's answer actually covered, usage, and whether it came from the cache or failed.
 A failed request is never dropped: it comes back in presented order with ``failed=True`` and is counted.
+
+Errors. A call to a model server that still fails after its bounded retries raises one of the typed
+``LLMCallError``s below inside the backend, which turns it into that counted failure (``Ranking.error`` names the
+type). A server answer that is not what the API promises is ``UnparseableResponse``: never retried (the same
+request gets the same answer), counted apart in ``Usage.unparseable``. Anything else (a bug of ours) propagates.
 """
 from __future__ import annotations
 
@@ -17,26 +22,41 @@ from typing import Optional, Sequence
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 
 CANDIDATES_PLACEHOLDER = "{candidate_list}"
-"""A prompt may contain this literal marker where the numbered candidate list goes. Rankers replace it with the
-list in the order they PRESENT the candidates, which is what lets bootstrapping (cfg.llm.bootstrap) shuffle the
-list shown to the model. A prompt that spells the list out itself is used as is (and bootstrapping then only
-reorders the candidates for scoring, which does not fight a position bias in the shown list)."""
+"""The literal marker where a prompt shows the numbered candidate list (rpp.prompts.PromptBuilder writes it wherever
+the list is shown). Every ranker replaces it with the list in the order it PRESENTS the candidates, which is what
+lets bootstrapping (cfg.llm.bootstrap) shuffle the list the model sees; BootstrapRanker refuses a prompt without
+it, since shuffling candidates the model never sees in order changes nothing (score mode) or maps a numbered
+answer to the wrong list (generate mode)."""
 
 
 class LLMError(RuntimeError):
     """Base class of the errors raised by the LLM layer."""
 
 
-class RateLimitError(LLMError):
-    pass
+class LLMCallError(LLMError):
+    """A call to a model server that failed after `retries` retries, or with an answer not worth retrying (a 4xx
+    other than 429: the request itself is wrong). Backends turn it into a counted failed Ranking."""
+
+    def __init__(self, message: str, retries: int = 0) -> None:
+        super().__init__(message)
+        self.retries = retries
 
 
-class LLMTimeoutError(LLMError):
-    pass
+class RateLimitError(LLMCallError):
+    """HTTP 429 on every attempt."""
 
 
-class ServerError(LLMError):
-    pass
+class LLMTimeoutError(LLMCallError):
+    """No answer within the timeout on every attempt."""
+
+
+class ServerError(LLMCallError):
+    """HTTP 5xx, or a connection refused or dropped, on every attempt."""
+
+
+class UnparseableResponse(LLMCallError):
+    """The server answered, but not in the shape the API promises (invalid JSON, no choices, no log-probs where
+    they were asked for). Not retried; counted in Usage.unparseable as well as in failures."""
 
 
 class ScoreModeUnsupported(LLMError):
@@ -65,18 +85,23 @@ class Usage:
     completion_tokens: int = 0
     cache_hits: int = 0
     failures: int = 0
+    """Requests that came back in presented order (failed calls, unparseable answers included)."""
     retries: int = 0
     wall_s: float = 0.0
+    unparseable: int = 0
+    """Of the failures: answers the server gave in a shape the API does not allow (never retried)."""
 
     def add(self, other: "Usage") -> None:
-        for name in ("calls", "prompt_tokens", "completion_tokens", "cache_hits", "failures", "retries", "wall_s"):
+        for name in ("calls", "prompt_tokens", "completion_tokens", "cache_hits", "failures", "retries", "wall_s",
+                     "unparseable"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def __str__(self) -> str:
-        return (f"{self.calls} LLM calls, {self.cache_hits} cache hits, {self.failures} failures, "
+        return (f"{self.calls} LLM calls, {self.cache_hits} cache hits, {self.failures} failures "
+                f"({self.unparseable} unparseable), "
                 f"{self.retries} retries, {self.prompt_tokens} prompt + {self.completion_tokens} completion tokens, "
                 f"{self.wall_s:.1f} s")
 
@@ -99,6 +124,8 @@ class Ranking:
     """The model's text answer (generate mode)."""
     retries: int = 0
     """Retried attempts spent on this request (network backends); summed into Usage.retries."""
+    unparseable: bool = False
+    """Failed because the server's answer was malformed (UnparseableResponse), not because the call failed."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -108,9 +135,10 @@ class Ranking:
         return cls(**d)
 
     @classmethod
-    def presented_order(cls, n: int, error: str) -> "Ranking":
+    def presented_order(cls, n: int, error: str, *, retries: int = 0, unparseable: bool = False) -> "Ranking":
         """The fallback for a request that failed after its retries: presented order, counted as a failure."""
-        return cls(order=list(range(n)), scores=None, coverage=0.0, failed=True, error=error)
+        return cls(order=list(range(n)), scores=None, coverage=0.0, failed=True, error=error, retries=retries,
+                   unparseable=unparseable)
 
 
 class UsageTracker:
@@ -134,17 +162,19 @@ class UsageTracker:
                     continue
                 self.total.calls += 1
                 self.total.failures += int(r.failed)
+                self.total.unparseable += int(r.failed and r.unparseable)
                 self.total.retries += r.retries
                 self.total.prompt_tokens += r.prompt_tokens
                 self.total.completion_tokens += r.completion_tokens
 
     def record_calls(self, *, calls: int, failures: int = 0, prompt_tokens: int = 0, completion_tokens: int = 0,
-                     retries: int = 0, cache_hits: int = 0, wall_s: float = 0.0) -> None:
+                     retries: int = 0, cache_hits: int = 0, wall_s: float = 0.0, unparseable: int = 0) -> None:
         """Count one generate() call of a TextGenerator (no Ranking objects there)."""
         with self._lock:
             self.batches += 1
             self.total.calls += calls
             self.total.failures += failures
+            self.total.unparseable += unparseable
             self.total.prompt_tokens += prompt_tokens
             self.total.completion_tokens += completion_tokens
             self.total.retries += retries
@@ -187,6 +217,9 @@ class TextGenerator(ABC):
     def generate(self, prompts: Sequence[tuple], max_new_tokens: int) -> list[Optional[str]]:
         ...
 
+    def close(self) -> None:  # pragma: no cover - default no-op
+        pass
+
 
 def format_candidate_list(candidates: Sequence[str]) -> str:
     """The numbered list shown to the model: "1. title" per line (the parser maps "1" back to the first)."""
@@ -207,7 +240,8 @@ class BootstrapRanker(Ranker):
     """Ranks B orders of each request's candidates (the presented one, then B-1 seeded shuffles) in ONE inner
     call and aggregates them, against the model's position bias: scores are summed per candidate where the
     inner ranker gives scores, else Borda points (n-1 for first place, 0 for last) are summed. The shuffles
-    are seeded by (seed, messages, candidates), so the same request always gets the same orders."""
+    are seeded by (seed, messages, candidates), so the same request always gets the same orders. Each order is
+    SHOWN to the model through CANDIDATES_PLACEHOLDER; a request without the marker is refused (ValueError)."""
 
     def __init__(self, inner: Ranker, bootstrap: int, seed: int = 0) -> None:
         super().__init__()
@@ -234,6 +268,12 @@ class BootstrapRanker(Ranker):
 
     def rank(self, requests: Sequence[RankRequest]) -> list[Ranking]:
         timer = timed()
+        for r in requests:
+            if not any(CANDIDATES_PLACEHOLDER in str(m.get("content", "")) for m in r.messages):
+                raise ValueError(
+                    f"llm.bootstrap={self.bootstrap} shuffles the candidate list shown in the prompt, but this prompt "
+                    f"shows none (no {CANDIDATES_PLACEHOLDER} marker): set prompt.show_candidates=true or "
+                    "llm.bootstrap=1")
         perms = [self.permutations(r) for r in requests]
         expanded = [render_candidates(RankRequest(messages=r.messages,
                                                   candidates=tuple(r.candidates[i] for i in p)))
@@ -252,8 +292,9 @@ class BootstrapRanker(Ranker):
         retries = sum(r.retries for r in parts)
         tokens = (sum(r.prompt_tokens for r in parts), sum(r.completion_tokens for r in parts))
         if not ok:
-            failed = Ranking.presented_order(n, "; ".join(sorted({str(r.error) for r in parts})))
-            failed.retries, failed.prompt_tokens, failed.completion_tokens = retries, *tokens
+            failed = Ranking.presented_order(n, "; ".join(sorted({str(r.error) for r in parts})), retries=retries,
+                                             unparseable=any(r.unparseable for r in parts))
+            failed.prompt_tokens, failed.completion_tokens = tokens
             return failed
         totals = [0.0] * n
         use_scores = all(r.scores is not None for _, r in ok)

@@ -15,10 +15,16 @@ probes the server once with a chat-templated "The capital of France is Paris" an
 directly, corrects the shift, or raises ``ScoreModeUnsupported``. In shifted mode a title token missing from the previous position's top-k gets the
 smallest listed top-k value (an upper bound on its log-prob); such tokens are counted in ``approximated_tokens``.
 
-Every HTTP call goes through one retry loop: rate limits, 5xx, timeouts, dropped connections and unparseable
-answers are retried with exponential backoff and jitter up to ``max_retries`` times (the SDK's own retries are off
-so that each retry is counted); then the request comes back as a counted failure in presented order. Calls run on
-an asyncio loop with at most ``concurrency`` in flight; ``rank()`` stays synchronous for the caller.
+Every HTTP call goes through one retry loop: rate limits (429), 5xx, timeouts and refused or dropped connections
+are retried with exponential backoff and jitter up to ``max_retries`` times (the SDK's own retries are off so that
+each retry is counted); then the request comes back as a counted failure in presented order, its error naming the
+typed error (RateLimitError, LLMTimeoutError, ServerError). An answer that is not what the API promises (invalid
+JSON, no choices, no log-probs) is NOT retried (the same request gets the same answer): it is a failure counted
+apart in ``usage.unparseable``. Exceptions of our own code are never retried nor counted: they propagate.
+
+Each backend holds ONE AsyncOpenAI client (one connection pool) for its lifetime, on its own event-loop thread;
+``rank()`` stays synchronous for the caller (from any thread, inside a running event loop too) and at most
+``concurrency`` calls are in flight. ``close()`` releases the client and its thread.
 """
 from __future__ import annotations
 
@@ -32,7 +38,8 @@ from pathlib import Path
 from typing import Awaitable, Callable, Optional, Sequence
 
 from rpp.llm.base import (
-    LLMError, Ranker, Ranking, RankRequest, ScoreModeUnsupported, TextGenerator, render_candidates, timed,
+    LLMCallError, LLMError, LLMTimeoutError, Ranker, Ranking, RankRequest, RateLimitError, ScoreModeUnsupported,
+    ServerError, TextGenerator, UnparseableResponse, render_candidates, timed,
 )
 from rpp.llm.parsing import order_from_scores, parse_ranking
 
@@ -45,18 +52,6 @@ PROBE_MIN_LOGPROB = -3.0
 """An obvious next word: any working model puts it well above this (SmolLM2-135M: -0.26); a shifted echo
 reports it far below (-8.45 on llama-cpp-python 0.3.36)."""
 TOP_LOGPROBS = 20
-
-
-class CallFailed(LLMError):
-    """A call that failed after its retries (or with an error not worth retrying)."""
-
-    def __init__(self, message: str, retries: int) -> None:
-        super().__init__(message)
-        self.retries = retries
-
-
-class _Garbage(LLMError):
-    """The server answered 200 but the body is not what the API promises."""
 
 
 def _chatml(messages: Sequence[dict]) -> str:
@@ -82,30 +77,10 @@ def chat_template_for(model: str) -> Callable[[Sequence[dict]], str]:
     return render
 
 
-def _run(coro: Awaitable):
-    """Run a coroutine to completion from synchronous code, even if this thread already runs an event loop."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    box: dict = {}
-
-    def target() -> None:
-        try:
-            box["value"] = asyncio.run(coro)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-            box["error"] = exc
-
-    thread = threading.Thread(target=target)
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
-
-
 class _Client:
-    """AsyncOpenAI with our retry policy and a concurrency limit; created per event loop."""
+    """One AsyncOpenAI client with our retry policy and a concurrency limit, on an event loop of its own thread.
+
+    Started on first use and kept until close(), so every rank() of a backend shares one connection pool."""
 
     def __init__(self, *, base_url: Optional[str], api_key_env: str, timeout_s: float, max_retries: int,
                  concurrency: int, seed: int, backoff_base_s: float, backoff_max_s: float) -> None:
@@ -120,38 +95,74 @@ class _Client:
         self.concurrency = concurrency
         self.backoff_base_s, self.backoff_max_s = backoff_base_s, backoff_max_s
         self._rng = random.Random(seed)
+        self._start_lock = threading.Lock()
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._thread: Optional[threading.Thread] = None
         self.sdk = None
         self.sem: Optional[asyncio.Semaphore] = None
+        self.sdk_clients_created = 0
+        """How many AsyncOpenAI clients this backend made (one per start; the tests check it stays at one)."""
 
-    async def __aenter__(self) -> "_Client":
-        from openai import AsyncOpenAI
+    def _started_loop(self) -> asyncio.AbstractEventLoop:
+        with self._start_lock:
+            if self._loop is None:
+                from openai import AsyncOpenAI
 
-        self.sdk = AsyncOpenAI(api_key=self._key, base_url=self.base_url, timeout=self.timeout_s, max_retries=0)
-        self.sem = asyncio.Semaphore(self.concurrency)
-        return self
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(target=loop.run_forever, name="rpp-openai-client", daemon=True)
+                thread.start()
 
-    async def __aexit__(self, *exc) -> None:
-        await self.sdk.close()
+                async def create() -> None:
+                    self.sdk = AsyncOpenAI(api_key=self._key, base_url=self.base_url, timeout=self.timeout_s,
+                                           max_retries=0)
+                    self.sem = asyncio.Semaphore(self.concurrency)
+
+                asyncio.run_coroutine_threadsafe(create(), loop).result()
+                self._loop, self._thread = loop, thread
+                self.sdk_clients_created += 1
+            return self._loop
+
+    def run(self, coro: Awaitable):
+        """Run a coroutine on the client's loop and wait for its result (or exception) in the calling thread."""
+        loop = self._started_loop()
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("rank()/generate() called from inside the OpenAI backend's own event loop")
+        return asyncio.run_coroutine_threadsafe(coro, loop).result()
+
+    def close(self) -> None:
+        with self._start_lock:
+            loop, thread, self._loop, self._thread = self._loop, self._thread, None, None
+            if loop is None:
+                return
+            try:
+                asyncio.run_coroutine_threadsafe(self.sdk.close(), loop).result(timeout=10)
+            finally:
+                loop.call_soon_threadsafe(loop.stop)
+                thread.join(timeout=10)
+                loop.close()
+                self.sdk = self.sem = None
 
     def backoff(self, attempt: int, retry_after: Optional[float] = None) -> float:
         delay = min(self.backoff_max_s, self.backoff_base_s * (2 ** attempt)) * (0.5 + self._rng.random())
         return max(delay, retry_after or 0.0)
 
-    async def call(self, fn: Callable[[], Awaitable]):
-        """Run `fn` with bounded retries; returns (result, retries) or raises CallFailed."""
+    async def call(self, fn: Callable[[], Awaitable], parse: Callable = lambda resp: resp):
+        """``parse(await fn())`` with bounded retries of transport and server errors; returns (value, retries).
+
+        Raises a typed LLMCallError when the call still fails after its retries, at once for a 4xx other than
+        429, and UnparseableResponse (not retried) when the SDK cannot decode the body or `parse` finds it
+        malformed. Any other exception is a bug of ours and propagates untouched."""
         import openai
 
         retries = 0
         for attempt in range(self.max_retries + 1):
             try:
                 async with self.sem:
-                    return await fn(), retries
-            except (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError,
-                    openai.APIConnectionError, openai.APIResponseValidationError, json.JSONDecodeError,
-                    _Garbage, KeyError, TypeError, AttributeError, IndexError, ValueError) as exc:
-                error = f"{type(exc).__name__}: {exc}"
+                    resp = await fn()
+            except (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError) as exc:
                 if attempt == self.max_retries:
-                    raise CallFailed(f"{error} (after {retries} retries)", retries) from exc
+                    raise _transport_error(exc)(f"{type(exc).__name__}: {exc} (after {retries} retries)",
+                                                retries) from exc
                 retries += 1
                 retry_after = None
                 if isinstance(exc, openai.RateLimitError):
@@ -160,9 +171,62 @@ class _Client:
                     except ValueError:
                         retry_after = None
                 await asyncio.sleep(self.backoff(attempt, min(retry_after or 0.0, self.backoff_max_s)))
+                continue
+            except (openai.APIResponseValidationError, json.JSONDecodeError) as exc:
+                raise UnparseableResponse(f"{type(exc).__name__}: {exc}", retries) from exc
             except openai.APIStatusError as exc:  # 4xx other than 429: our request is wrong, retrying won't help
-                raise CallFailed(f"{type(exc).__name__}: {exc}", retries) from exc
+                raise LLMCallError(f"{type(exc).__name__}: {exc}", retries) from exc
+            try:
+                return parse(resp), retries
+            except UnparseableResponse as exc:
+                exc.retries = retries
+                raise
         raise AssertionError("unreachable")
+
+
+def _transport_error(exc: Exception) -> type[LLMCallError]:
+    """Our typed error for a transport or server failure of the SDK."""
+    import openai
+
+    if isinstance(exc, openai.RateLimitError):
+        return RateLimitError
+    if isinstance(exc, openai.APITimeoutError):
+        return LLMTimeoutError
+    return ServerError
+
+
+def _first_choice(resp):
+    """The first choice of a completion, or UnparseableResponse when the body has none."""
+    choices = getattr(resp, "choices", None)
+    if not isinstance(choices, list) or not choices:
+        raise UnparseableResponse("the answer has no choices")
+    return choices[0]
+
+
+def _token_usage(resp) -> tuple[int, int]:
+    usage = getattr(resp, "usage", None)
+    counts = (getattr(usage, "prompt_tokens", 0) or 0, getattr(usage, "completion_tokens", 0) or 0)
+    if not all(isinstance(c, int) for c in counts):
+        raise UnparseableResponse(f"the answer's usage is not token counts: {usage!r}")
+    return counts
+
+
+def chat_answer(resp) -> tuple[str, int, int]:
+    """(text, prompt tokens, completion tokens) of a chat completion; UnparseableResponse if it is malformed."""
+    choice = _first_choice(resp)
+    text = getattr(getattr(choice, "message", None), "content", None)
+    if text is None and getattr(choice, "finish_reason", None) != "length":
+        raise UnparseableResponse("the chat answer has no content")
+    if text is not None and not isinstance(text, str):
+        raise UnparseableResponse(f"the chat answer's content is a {type(text).__name__}, not text")
+    return (text or "", *_token_usage(resp))
+
+
+def _failed(n: int, exc: LLMCallError, wall_s: float) -> Ranking:
+    failed = Ranking.presented_order(n, f"{type(exc).__name__}: {exc}", retries=exc.retries,
+                                     unparseable=isinstance(exc, UnparseableResponse))
+    failed.wall_s = wall_s
+    return failed
 
 
 def _client_kwargs(cfg) -> dict:
@@ -183,10 +247,11 @@ class OpenAIRanker(Ranker):
             raise ValueError(f"llm.mode must be score or generate, got {mode!r}")
         self.model, self.mode, self.reduction = model, mode, score_reduction
         self.temperature, self.max_new_tokens, self.seed = temperature, max_new_tokens, seed
-        self._client_args = dict(base_url=base_url, api_key_env=api_key_env, timeout_s=timeout_s,
-                                 max_retries=max_retries, concurrency=concurrency, seed=seed,
-                                 backoff_base_s=backoff_base_s, backoff_max_s=backoff_max_s)
-        _Client(**self._client_args)  # fail now, not mid-run, when the key is missing
+        self.base_url = base_url
+        # fails now, not mid-run, when the key is missing; the SDK client itself starts on the first call
+        self.client = _Client(base_url=base_url, api_key_env=api_key_env, timeout_s=timeout_s,
+                              max_retries=max_retries, concurrency=concurrency, seed=seed,
+                              backoff_base_s=backoff_base_s, backoff_max_s=backoff_max_s)
         self._template = template
         self.echo_mode: Optional[str] = None
         """After the probe: "direct" (echo log-probs are right) or "shifted" (corrected by one token)."""
@@ -213,7 +278,7 @@ class OpenAIRanker(Ranker):
         requests = [render_candidates(r) for r in requests]
         if self.mode == "score" and self.echo_mode is None:
             self.echo_mode = self.probe()
-        rankings = _run(self._rank_all(requests))
+        rankings = self.client.run(self._rank_all(requests))
         self.usage.record(rankings, wall_s=timer.elapsed)
         return rankings
 
@@ -224,78 +289,79 @@ class OpenAIRanker(Ranker):
         whether the prompt starts with the BOS token (SmolLM2's template starts with it, plain text does not),
         so a probe on plain text would describe a different situation than the one we score in."""
         text = self.template(PROBE_MESSAGES) + PROBE_PROMPT + PROBE_ANSWER
-
-        async def go():
-            async with _Client(**self._client_args) as client:
-                return await client.call(lambda: client.sdk.completions.create(
-                    model=self.model, prompt=text, echo=True, logprobs=5, max_tokens=1, temperature=0.0))
+        client = self.client
         try:
-            resp, _ = _run(go())
-        except CallFailed as exc:
+            echo_mode, _ = client.run(client.call(lambda: client.sdk.completions.create(
+                model=self.model, prompt=text, echo=True, logprobs=5, max_tokens=1, temperature=0.0),
+                parse=classify_echo))
+        except LLMCallError as exc:
             raise ScoreModeUnsupported(f"score mode needs /v1/completions with echo + logprobs, and the probe "
-                                       f"call to {self._client_args['base_url']} failed: {exc}") from exc
-        return classify_echo(resp)
+                                       f"call to {self.base_url} failed: {type(exc).__name__}: {exc}") from exc
+        return echo_mode
 
-    # -- async internals
+    # -- async internals (on the client's loop)
     async def _rank_all(self, requests: Sequence[RankRequest]) -> list[Ranking]:
-        async with _Client(**self._client_args) as client:
-            work = self._score_one if self.mode == "score" else self._generate_one
-            return list(await asyncio.gather(*(work(client, r) for r in requests)))
+        work = self._score_one if self.mode == "score" else self._generate_one
+        results = await asyncio.gather(*(work(r) for r in requests), return_exceptions=True)
+        for r in results:  # a bug of ours: raise it, after every request of the batch has settled
+            if isinstance(r, BaseException):
+                raise r
+        return list(results)
 
-    async def _generate_one(self, client: _Client, req: RankRequest) -> Ranking:
+    async def _generate_one(self, req: RankRequest) -> Ranking:
         timer = timed()
-
-        async def ask():
-            resp = await client.sdk.chat.completions.create(
-                model=self.model, messages=list(req.messages), temperature=self.temperature,
-                max_tokens=self.max_new_tokens, seed=self.seed)
-            text = resp.choices[0].message.content
-            if text is None and resp.choices[0].finish_reason != "length":
-                raise _Garbage("the chat answer has no content")
-            return text or "", resp.usage
-
+        client = self.client
         try:
-            (text, usage), retries = await client.call(ask)
-        except CallFailed as exc:
-            failed = Ranking.presented_order(len(req.candidates), str(exc))
-            failed.retries, failed.wall_s = exc.retries, timer.elapsed
-            return failed
+            (text, prompt_tokens, completion_tokens), retries = await client.call(
+                lambda: client.sdk.chat.completions.create(
+                    model=self.model, messages=list(req.messages), temperature=self.temperature,
+                    max_tokens=self.max_new_tokens, seed=self.seed),
+                parse=chat_answer)
+        except LLMCallError as exc:
+            return _failed(len(req.candidates), exc, timer.elapsed)
         parsed = parse_ranking(text, req.candidates)
         return Ranking(order=parsed.order, coverage=parsed.coverage, raw=text, retries=retries,
-                       prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
-                       completion_tokens=getattr(usage, "completion_tokens", 0) or 0, wall_s=timer.elapsed)
+                       prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, wall_s=timer.elapsed)
 
-    async def _score_one(self, client: _Client, req: RankRequest) -> Ranking:
+    async def _score_one(self, req: RankRequest) -> Ranking:
         timer = timed()
+        client = self.client
         prefix = self.template(req.messages)
-        results = await asyncio.gather(*(client.call(lambda t=title: self._title_logprobs(client, prefix, t))
-                                         for title in req.candidates), return_exceptions=True)
-        errors = [r for r in results if isinstance(r, BaseException)]
-        retries = sum(getattr(e, "retries", 0) for e in errors) + sum(r[1] for r in results if isinstance(r, tuple))
+        echo_mode = self.echo_mode or "direct"
+        logprobs = TOP_LOGPROBS if echo_mode == "shifted" else 1
+
+        def parse(title: str):
+            def read(resp) -> tuple[list[float], int, int]:
+                lps, approx = title_logprobs(resp, title, echo_mode)
+                return lps, approx, _token_usage(resp)[0]
+            return read
+
+        results = await asyncio.gather(*(client.call(
+            lambda t=title: client.sdk.completions.create(model=self.model, prompt=prefix + t, echo=True,
+                                                          logprobs=logprobs, max_tokens=1, temperature=0.0),
+            parse=parse(title)) for title in req.candidates), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException) and not isinstance(r, LLMCallError):
+                raise r
+        errors = [r for r in results if isinstance(r, LLMCallError)]
+        retries = sum(e.retries for e in errors) + sum(r[1] for r in results if isinstance(r, tuple))
         if errors:
-            failed = Ranking.presented_order(len(req.candidates), f"{len(errors)} of {len(results)} candidate "
-                                             f"calls failed; first: {errors[0]}")
-            failed.retries, failed.wall_s = retries, timer.elapsed
+            first = errors[0]
+            failed = _failed(len(req.candidates), first, timer.elapsed)
+            failed.error = f"{len(errors)} of {len(results)} candidate calls failed; first: {failed.error}"
+            failed.retries = retries
+            failed.unparseable = any(isinstance(e, UnparseableResponse) for e in errors)
             return failed
-        lps = [r[0][0] for r in results]
-        prompt_tokens = sum(r[0][1] for r in results)
+        values = [r[0] for r in results]
+        self.approximated_tokens += sum(v[1] for v in values)
         from rpp.llm.local import reduce_scores
 
-        scores = reduce_scores(lps, self.reduction)
-        return Ranking(order=order_from_scores(scores), scores=scores, coverage=1.0, prompt_tokens=prompt_tokens,
-                       retries=retries, wall_s=timer.elapsed)
-
-    async def _title_logprobs(self, client: _Client, prefix: str, title: str) -> tuple[list[float], int]:
-        resp = await client.sdk.completions.create(
-            model=self.model, prompt=prefix + title, echo=True,
-            logprobs=TOP_LOGPROBS if self.echo_mode == "shifted" else 1, max_tokens=1,
-            temperature=0.0)
-        lps, approx = title_logprobs(resp, title, self.echo_mode or "direct")
-        self.approximated_tokens += approx
-        return lps, int(getattr(resp.usage, "prompt_tokens", 0) or 0)
+        scores = reduce_scores([v[0] for v in values], self.reduction)
+        return Ranking(order=order_from_scores(scores), scores=scores, coverage=1.0,
+                       prompt_tokens=sum(v[2] for v in values), retries=retries, wall_s=timer.elapsed)
 
     def close(self) -> None:
-        pass
+        self.client.close()
 
 
 def _echo(resp, suffix: str) -> tuple[list[str], list, list, int]:
@@ -304,13 +370,16 @@ def _echo(resp, suffix: str) -> tuple[list[str], list, list, int]:
 
     The end is found by text, not by usage counts: llama-cpp-python leaves BOS-id tokens out of the echo and,
     depending on alignment, drops the completion's entry, so neither usage.prompt_tokens nor
-    usage.completion_tokens says where the prompt ends there. The echo has one completion token at most."""
-    choice = resp.choices[0]
-    lp = choice.logprobs
-    if lp is None or not lp.tokens or lp.token_logprobs is None:
+    usage.completion_tokens says where the prompt ends there. The echo has one completion token at most.
+    ScoreModeUnsupported when the answer has no log-probs at all, UnparseableResponse when they are malformed."""
+    lp = getattr(_first_choice(resp), "logprobs", None)
+    if lp is None or not getattr(lp, "tokens", None) or getattr(lp, "token_logprobs", None) is None:
         raise ScoreModeUnsupported("the server returned no prompt log-probs for echo=True")
-    tokens = list(lp.tokens)
-    top = list(lp.top_logprobs or [None] * len(tokens))
+    tokens, tlp = lp.tokens, lp.token_logprobs
+    top = lp.top_logprobs if lp.top_logprobs is not None else [None] * len(tokens)
+    if not (isinstance(tokens, list) and isinstance(tlp, list) and isinstance(top, list)
+            and len(tokens) == len(tlp) == len(top) and all(isinstance(t, str) for t in tokens)):
+        raise UnparseableResponse("the echo's tokens, token_logprobs and top_logprobs are not aligned lists")
 
     def fold(text: str) -> str:  # byte-split characters come back mangled; compare on ASCII
         return text.encode("ascii", "ignore").decode()
@@ -318,8 +387,8 @@ def _echo(resp, suffix: str) -> tuple[list[str], list, list, int]:
     for end in range(len(tokens), max(0, len(tokens) - 3), -1):
         joined = "".join(tokens[:end])
         if joined.endswith(suffix) or (fold(suffix) and fold(joined).endswith(fold(suffix))):
-            return tokens, list(lp.token_logprobs), top, end
-    raise _Garbage(f"the echoed tokens do not end with {suffix!r}")
+            return list(tokens), list(tlp), list(top), end
+    raise UnparseableResponse(f"the echoed tokens do not end with {suffix!r}")
 
 
 def classify_echo(resp) -> str:
@@ -328,7 +397,7 @@ def classify_echo(resp) -> str:
         tokens, tlp, top, n_prompt = _echo(resp, PROBE_ANSWER)
     except ScoreModeUnsupported as exc:
         raise ScoreModeUnsupported(f"{exc}; use llm.mode=generate with this server") from None
-    except (AttributeError, IndexError, TypeError, _Garbage) as exc:
+    except UnparseableResponse as exc:
         raise ScoreModeUnsupported(f"the probe answer is not a completion with logprobs ({exc}); "
                                    "use llm.mode=generate with this server") from None
     i = n_prompt - 1
@@ -353,9 +422,13 @@ def title_logprobs(resp, title: str, echo_mode: str) -> tuple[list[float], int]:
     """Log-probs of the title's tokens at the end of the echoed prompt, and how many were approximated.
 
     The title's tokens are the trailing prompt tokens whose text covers the title (servers' text offsets do not
-    count special tokens, so we walk back over token strings instead).
+    count special tokens, so we walk back over token strings instead). UnparseableResponse where the echo lacks
+    what scoring needs (after a successful probe, a missing log-prob is a malformed answer, not a mode problem).
     """
-    tokens, tlp, top, n_prompt = _echo(resp, title)
+    try:
+        tokens, tlp, top, n_prompt = _echo(resp, title)
+    except ScoreModeUnsupported as exc:
+        raise UnparseableResponse(str(exc)) from None
     start, covered = n_prompt, 0
     while start > 0 and covered < len(title):
         start -= 1
@@ -366,14 +439,14 @@ def title_logprobs(resp, title: str, echo_mode: str) -> tuple[list[float], int]:
             value = tlp[i]
         else:
             dist = top[i - 1] if i >= 1 else None
-            if not dist:
-                raise _Garbage("shifted echo without top_logprobs")
+            if not dist or not isinstance(dist, dict):
+                raise UnparseableResponse("shifted echo without top_logprobs")
             value = dist.get(tokens[i])
             if value is None:
                 value = min(dist.values())
                 approx += 1
-        if value is None:
-            raise _Garbage(f"no log-prob for prompt token {i}")
+        if not isinstance(value, (int, float)):
+            raise UnparseableResponse(f"no log-prob for prompt token {i}")
         out.append(float(value))
     return out, approx
 
@@ -386,35 +459,42 @@ class OpenAIGenerator(TextGenerator):
                  seed: int = 0, backoff_base_s: float = 0.5, backoff_max_s: float = 8.0) -> None:
         super().__init__()
         self.model, self.temperature, self.seed = model, temperature, seed
-        self._client_args = dict(base_url=base_url, api_key_env=api_key_env, timeout_s=timeout_s,
-                                 max_retries=max_retries, concurrency=concurrency, seed=seed,
-                                 backoff_base_s=backoff_base_s, backoff_max_s=backoff_max_s)
-        _Client(**self._client_args)
+        self.client = _Client(base_url=base_url, api_key_env=api_key_env, timeout_s=timeout_s,
+                              max_retries=max_retries, concurrency=concurrency, seed=seed,
+                              backoff_base_s=backoff_base_s, backoff_max_s=backoff_max_s)
         self.identity = f"openai|{base_url or 'api.openai.com'}|{model}|temperature={temperature}|seed={seed}"
 
     def generate(self, prompts: Sequence[tuple], max_new_tokens: int) -> list[Optional[str]]:
         timer = timed()
-        results = _run(self._generate_all(prompts, max_new_tokens))
+        results = self.client.run(self._generate_all(prompts, max_new_tokens))
         texts = [r[0] for r in results]
         self.usage.record_calls(calls=len(prompts), failures=sum(t is None for t in texts),
                                 prompt_tokens=sum(r[1] for r in results),
                                 completion_tokens=sum(r[2] for r in results),
-                                retries=sum(r[3] for r in results), wall_s=timer.elapsed)
+                                retries=sum(r[3] for r in results), unparseable=sum(r[4] for r in results),
+                                wall_s=timer.elapsed)
         return texts
 
     async def _generate_all(self, prompts, max_new_tokens):
-        async with _Client(**self._client_args) as client:
-            async def one(messages):
-                async def ask():
-                    resp = await client.sdk.chat.completions.create(
+        client = self.client
+
+        async def one(messages):
+            try:
+                (text, prompt_tokens, completion_tokens), retries = await client.call(
+                    lambda: client.sdk.chat.completions.create(
                         model=self.model, messages=[dict(m) for m in messages], temperature=self.temperature,
-                        max_tokens=max_new_tokens, seed=self.seed)
-                    return resp.choices[0].message.content, resp.usage
-                try:
-                    (text, usage), retries = await client.call(ask)
-                except CallFailed as exc:
-                    log.warning("generation failed: %s", exc)
-                    return None, 0, 0, exc.retries
-                return ((text or "").strip() or None, getattr(usage, "prompt_tokens", 0) or 0,
-                        getattr(usage, "completion_tokens", 0) or 0, retries)
-            return await asyncio.gather(*(one(p) for p in prompts))
+                        max_tokens=max_new_tokens, seed=self.seed),
+                    parse=chat_answer)
+            except LLMCallError as exc:
+                log.warning("generation failed: %s: %s", type(exc).__name__, exc)
+                return None, 0, 0, exc.retries, isinstance(exc, UnparseableResponse)
+            return text.strip() or None, prompt_tokens, completion_tokens, retries, False
+
+        results = await asyncio.gather(*(one(p) for p in prompts), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return results
+
+    def close(self) -> None:
+        self.client.close()

@@ -6,13 +6,18 @@ and an episode reproducible. Layout (system + one user turn):
     system: cfg.prompt.system [+ the role sentence]
     user:   history sentence, the numbered history window (titles, ratings if the action says so)
             [+ a line naming the most recent item]
-            [+ the numbered candidate list: cfg.prompt.show_candidates, always in generate mode]
+            [+ the candidate list: cfg.prompt.show_candidates, always in generate mode]
             reasoning sentence, format sentence
             the closing question
 
 The closing question is fixed by the mode, not by an action: in score mode the ranker scores each candidate title as
 the assistant's answer, so the user turn must end with a question whose natural answer is one title. In generate mode
 the model must name the candidates, so the list is always shown and the question asks for a ranked list.
+
+Where the list is shown, ``Prompt.messages`` (what goes to the ranker) hold ``rpp.llm.CANDIDATES_PLACEHOLDER``, not
+the list itself: every ranker writes the numbered list there in the order it presents the candidates, which is how
+llm.bootstrap shows the model shuffled lists. ``Prompt.rendered_messages`` and ``Prompt.text`` have the list filled
+in, in presented order (for logs, or for sending the prompt to an LLM yourself).
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 from rpp.config import PromptConfig
+from rpp.llm.base import CANDIDATES_PLACEHOLDER, format_candidate_list
 from rpp.prompts.actions import PATTERNS, Action, ActionSet, ActionSetError
 
 SCORE_QUESTION = "Which {item_noun} will this user choose next? Answer with the title only."
@@ -64,17 +70,26 @@ class UserContext:
 @dataclass(frozen=True)
 class Prompt:
     messages: tuple
-    """({"role": "system", ...}, {"role": "user", ...})"""
+    """({"role": "system", ...}, {"role": "user", ...}), as sent to a ranker: where the candidate list is shown they
+    hold CANDIDATES_PLACEHOLDER, which the ranker replaces by the list in the order it presents the candidates."""
     sentences: dict
     """pattern -> the sentence as it appears in the prompt (placeholders filled, refined text if given)."""
     action_ids: dict
     """pattern -> the chosen action's id."""
     history_shown: int
+    candidates: tuple = ()
+    """The candidate titles in presented order (what rendered_messages fill the list with)."""
+
+    @property
+    def rendered_messages(self) -> tuple:
+        """The messages with the candidate list written out in presented order, ready for any chat LLM."""
+        listing = format_candidate_list(self.candidates)
+        return tuple({**m, "content": m["content"].replace(CANDIDATES_PLACEHOLDER, listing)} for m in self.messages)
 
     @property
     def text(self) -> str:
-        """The whole prompt as one readable string (for logs and env infos)."""
-        return "\n\n".join(f"[{m['role']}]\n{m['content']}" for m in self.messages)
+        """The whole prompt as one readable string, candidate list written out (for logs and env infos)."""
+        return "\n\n".join(f"[{m['role']}]\n{m['content']}" for m in self.rendered_messages)
 
 
 def pluralize(noun: str) -> str:
@@ -195,9 +210,8 @@ class PromptBuilder:
         blocks.append("\n".join(lines))
 
         if self.show_candidates:
-            cand = [f"Candidate {self.item_noun_plural}:"]
-            cand += [f"{k}. {t}" for k, t in enumerate(ctx.candidate_titles, 1)]
-            blocks.append("\n".join(cand))
+            # the ranker writes the numbered list here, in the order it presents the candidates (bootstrapping)
+            blocks.append(f"Candidate {self.item_noun_plural}:\n{CANDIDATES_PLACEHOLDER}")
 
         question = SCORE_QUESTION if self.mode == "score" else GENERATE_QUESTION
         question = question.format(item_noun=self.item_noun, item_noun_plural=self.item_noun_plural,
@@ -207,4 +221,4 @@ class PromptBuilder:
 
         messages = ({"role": "system", "content": system}, {"role": "user", "content": "\n\n".join(blocks)})
         return Prompt(messages=messages, sentences=sent, action_ids={p: chosen[p].id for p in PATTERNS},
-                      history_shown=n_shown)
+                      history_shown=n_shown, candidates=tuple(ctx.candidate_titles))
