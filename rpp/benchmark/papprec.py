@@ -112,12 +112,15 @@ class Counters:
     forward: int = 0
     backward: int = 0
     requests: int = 0
+    tokens: int = 0
+    """Prompt + title tokens of the scored requests (what the ranker would report for the same requests)."""
 
     def snapshot(self) -> "Counters":
-        return Counters(self.forward, self.backward, self.requests)
+        return Counters(self.forward, self.backward, self.requests, self.tokens)
 
     def __sub__(self, other: "Counters") -> "Counters":
-        return Counters(self.forward - other.forward, self.backward - other.backward, self.requests - other.requests)
+        return Counters(self.forward - other.forward, self.backward - other.backward, self.requests - other.requests,
+                        self.tokens - other.tokens)
 
 
 @dataclass
@@ -224,6 +227,7 @@ class SuffixScorer:
                         out[v, c] += float(got.sum())
                 del cache, logits
         self.counters.requests += n_var
+        self.counters.tokens += n_var * (width + sum(len(t) for t in sample.titles))
         return out
 
     def gradient(self, sample: Sample, suffix: Sequence[int]) -> np.ndarray:
@@ -541,6 +545,7 @@ class PapRecMethod(Method):
         s = self.search
         return {
             "train_requests": s.fit_counters.requests, "train_users": s.train_users,
+            "train_tokens": s.fit_counters.tokens, "infer_tokens": self._rank_cost.tokens,
             "infer_requests": self._rank_cost.requests,
             "forward_passes": s.fit_counters.forward + self._rank_cost.forward,
             "backward_passes": s.fit_counters.backward + self._rank_cost.backward,

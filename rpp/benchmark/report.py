@@ -23,12 +23,14 @@ RUN_DEPENDENT_COLUMNS = ("fit_s", "rank_s", "infer_s_per_user", "train_paid_call
 cache answered). Every other column, and all of per_user.csv, must be identical across runs with one seed."""
 
 
-COST_KEYS = ("train_requests", "train_generations", "train_users", "infer_requests", "infer_generations",
-             "forward_passes", "backward_passes", "infer_forward_passes", "infer_backward_passes", "train_s")
+COST_KEYS = ("train_requests", "train_tokens", "train_generations", "train_users", "infer_requests",
+             "infer_tokens", "infer_generations", "forward_passes", "backward_passes", "infer_forward_passes",
+             "infer_backward_passes", "train_s")
 """What a method may report through Method.cost(), all totals over the run: ranking requests it scored itself
-(outside the metered ranker; added to train_requests / infer_requests_per_user), text generations (model and cache
-answers alike), the users it trained on, model forward/backward passes it ran itself (all, and those spent while
-ranking test users), and its own training time. results.csv holds each as a cost_<key> column."""
+(outside the metered ranker; added to train_requests / infer_requests_per_user, their tokens to train_tokens /
+infer_tokens_per_user), text generations (model and cache answers alike), the users it trained on, model
+forward/backward passes it ran itself (all, and those spent while ranking test users), and its own training time.
+results.csv holds each as a cost_<key> column."""
 
 
 @dataclass
