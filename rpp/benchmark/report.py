@@ -104,11 +104,11 @@ def results_table(results: Sequence[MethodResult], reference: Optional[str], n_b
         own = r.cost or {}
         row.update({
             "train_requests": r.fit_usage.requests + int(tu.get("requests", 0)) + int(own.get("train_requests", 0)),
-            "train_tokens": r.fit_usage.tokens + int(tu.get("tokens", 0)),
+            "train_tokens": r.fit_usage.tokens + int(tu.get("tokens", 0)) + int(own.get("train_tokens", 0)),
             "train_users": n_fit_users if r.fit_usage.requests else int(tu.get("users", 0)),
             "infer_requests_per_user": (r.infer_usage.requests + int(own.get("infer_requests", 0))) / n
             if n else math.nan,
-            "infer_tokens_per_user": r.infer_usage.tokens / n if n else math.nan,
+            "infer_tokens_per_user": (r.infer_usage.tokens + int(own.get("infer_tokens", 0))) / n if n else math.nan,
             "failed_users": int(r.failed.sum()),
             "train_paid_calls": r.fit_usage.paid_calls, "train_cache_hits": r.fit_usage.cache_hits,
             "infer_paid_calls": r.infer_usage.paid_calls, "infer_cache_hits": r.infer_usage.cache_hits,
