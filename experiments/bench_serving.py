@@ -131,6 +131,40 @@ def start_servers(name: str, llama_threads: int) -> list:
         raise
 
 
+def profile_score_request(server, prompt: str, py_spy: str, raw_out: Path) -> dict:
+    """One score request (echo + logprobs) to a llama-cpp-python server, timed next to the same request without
+    echo, while py-spy samples the server; the lines of the server's code that hold most samples."""
+    import collections
+    import signal
+    import subprocess
+
+    import openai
+
+    client = openai.OpenAI(base_url=server.base_url, api_key="no-key-needed", max_retries=0, timeout=1800)
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=1, temperature=0.0)
+    t0 = time.perf_counter()
+    plain = client.completions.create(**kw)
+    plain_s = time.perf_counter() - t0
+    spy = subprocess.Popen([py_spy, "record", "--pid", str(server.proc.pid), "--format", "raw", "--rate", "20",
+                            "-o", str(raw_out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(2)  # py-spy attaches
+    t0 = time.perf_counter()
+    client.completions.create(echo=True, logprobs=1, **kw)
+    echo_s = time.perf_counter() - t0
+    spy.send_signal(signal.SIGINT)
+    spy.wait(timeout=120)
+    own = collections.Counter()
+    for line in raw_out.read_text().splitlines():
+        stack, count = line.rsplit(" ", 1)
+        own[stack.split(";")[-1]] += int(count)
+    total = sum(own.values())
+    row = {"prompt_tokens": plain.usage.prompt_tokens, "s_without_echo": round(plain_s, 2),
+           "s_with_echo_logprobs": round(echo_s, 2), "samples": total,
+           "top_frames": [(frame, round(n / total, 3)) for frame, n in own.most_common(5)]}
+    print(row, flush=True)
+    return row
+
+
 def warm_up(servers: list, prompt: str) -> None:
     """One score request to each model server, outside the timing: a fresh server's first requests are slower."""
     import openai
@@ -168,6 +202,8 @@ def main() -> None:
     ap.add_argument("--shapes", type=int, nargs="*", default=list(range(len(SHAPES))),
                     help="which request shapes to time (indices into SHAPES; none: skip)")
     ap.add_argument("--llama-threads", type=int, default=2)
+    ap.add_argument("--profile", metavar="PY_SPY", default=None,
+                    help="llamacpp: profile one score request with this py-spy executable")
     ap.add_argument("--out", default=str(ROOT / "experiments" / "results" / "serving.json"))
     args = ap.parse_args()
 
@@ -180,7 +216,10 @@ def main() -> None:
     local_s = (time.perf_counter() - t0) / len(requests)
     local_sums = [list(r.scores) for r in local_out]
     template = OpenAIRanker(model=MODEL, base_url="http://127.0.0.1:1/v1").template
-    results = {"users": args.users, "command": " ".join(sys.argv[1:]),
+    argv = sys.argv[1:]
+    if "--out" in argv:  # where the results went is not part of the measurement
+        del argv[argv.index("--out"):argv.index("--out") + 2]
+    results = {"users": args.users, "command": " ".join(argv),
                "prefix_tokens": [len(loaded.tokenizer(template(r.messages), add_special_tokens=False).input_ids)
                                  for r in requests],
         "local": {"s_per_user": round(local_s, 2), "orders": [r.order for r in local_out]},
@@ -196,6 +235,10 @@ def main() -> None:
         base_url = servers[-1].base_url
         try:
             warm_up(servers, template(requests[0].messages) + requests[0].candidates[0])
+            if args.profile and name == "llamacpp":
+                results["profile"] = profile_score_request(
+                    servers[0], template(requests[0].messages) + requests[0].candidates[0], args.profile,
+                    Path(args.out).with_name("llamacpp_score_request.pyspy.txt"))
             shapes = [SHAPES[i] for i in args.shapes]
             results["shapes"] += bench_shapes(name, base_url, requests[0], local_sums[0], template,
                                               loaded.tokenizer, shapes)
