@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_agents_train import _TINY_OVERRIDES, PromptHashRanker
+from test_agents_train import _TINY_OVERRIDES, PresentedOrderRanker, PromptHashRanker
 
-from rpp.llm.base import Ranker, Ranking
 
 
 def rpp(*args):
@@ -82,45 +81,48 @@ def fake_ranker(monkeypatch):
     return seen
 
 
-@pytest.mark.usefixtures("one_thread")
-def test_train_resume_with_set_and_evaluate_through_main(tmp_path, fake_ranker, capsys):
+@pytest.fixture
+def trained_run(tmp_path, fake_ranker, capsys, one_thread):
+    """A tiny run trained through `rpp train` (8 environment steps)."""
     from rpp.cli import main
 
     run_dir = tmp_path / "runs" / "cli"
     assert main(["train", *_tiny(tmp_path, "cli")]) == 0
     assert f"run directory: {run_dir}" in capsys.readouterr().out
     assert fake_ranker[-1].llm.cache is True
+    return run_dir
 
-    # re-training into the same run directory: one line naming --resume, no traceback
+
+def test_retraining_into_an_existing_run_is_one_error_line(tmp_path, trained_run, capsys):
+    from rpp.cli import main
+
     assert main(["train", *_tiny(tmp_path, "cli")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("rpp: error:") and "--resume" in err and len(err.splitlines()) == 1
 
-    # --resume without --config: --set and --no-cache reach the run's own config
-    assert main(["train", "--resume", str(run_dir), "--set", "train.total_steps=16", "--no-cache"]) == 0
+
+def test_resume_without_config_applies_set_and_no_cache(trained_run, fake_ranker, capsys):
+    from rpp.cli import main
+
+    assert main(["train", "--resume", str(trained_run), "--set", "train.total_steps=16", "--no-cache"]) == 0
     assert fake_ranker[-1].llm.cache is False and fake_ranker[-1].train.total_steps == 16
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["timesteps"] for r in rows] == [8, 16]
-    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["total_steps"] == 16
+    assert yaml.safe_load((trained_run / "config.yaml").read_text())["train"]["total_steps"] == 16
     # a change a resume may not make is refused in one line
-    assert main(["train", "--resume", str(run_dir), "--set", "train.learning_rate=0.5"]) == 2
+    assert main(["train", "--resume", str(trained_run), "--set", "train.learning_rate=0.5"]) == 2
     assert "train.learning_rate" in capsys.readouterr().err
 
-    assert main(["evaluate", "--run", str(run_dir), "--steps", "1", "--users", "4", "--set", "llm.threads=1",
+
+def test_evaluate_through_main_with_set_and_no_cache(trained_run, fake_ranker, capsys):
+    from rpp.cli import main
+
+    assert main(["evaluate", "--run", str(trained_run), "--steps", "1", "--users", "4", "--set", "llm.threads=1",
                  "--no-cache"]) == 0
-    assert "task-wise" in capsys.readouterr().out.lower()
+    assert "task-wise prompt" in capsys.readouterr().out
     assert fake_ranker[-1].llm.cache is False and fake_ranker[-1].llm.threads == 1
-    saved = json.loads((run_dir / "eval-test-T1.json").read_text())
+    saved = json.loads((trained_run / "eval-test-T1.json").read_text())
     assert saved["n_users"] == 4
-
-
-class CountingInner(Ranker):
-    identity = "test-counting"
-
-    def rank(self, requests):
-        out = [Ranking(order=list(range(len(r.candidates)))) for r in requests]
-        self.usage.record(out)
-        return out
 
 
 def test_cache_stats_prints_the_counts_persisted_by_earlier_runs(tmp_path, capsys):
@@ -130,10 +132,10 @@ def test_cache_stats_prints_the_counts_persisted_by_earlier_runs(tmp_path, capsy
     path = tmp_path / "responses.sqlite"
     requests = [RankRequest(({"role": "user", "content": f"user {i}"},), ("A", "B", "C")) for i in range(3)]
     for _ in range(2):  # two "processes": 3 misses (stored), then 3 hits
-        ranker = CachedRanker(CountingInner(), ResponseCache(path))
+        ranker = CachedRanker(PresentedOrderRanker(), ResponseCache(path))
         ranker.rank(requests)
         ranker.close()
-    other = CachedRanker(CountingInner(), ResponseCache(path))
+    other = CachedRanker(PresentedOrderRanker(), ResponseCache(path))
     other.rank(requests[:1])  # a third one, still open: its batch is already counted
     assert main(["cache", "stats", "--set", f"llm.cache_path={path}"]) == 0
     stats = json.loads(capsys.readouterr().out)

@@ -3,6 +3,7 @@ Each check runs in a fresh interpreter, so nothing imported by other tests can r
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 
 def fresh_python(code: str) -> subprocess.CompletedProcess:
@@ -30,26 +31,20 @@ def test_import_rpp_registers_the_env_id_without_loading_torch():
 
 def test_gymnasium_make_of_the_documented_id_after_import_rpp():
     out = fresh_python("""
+        import sys
         import gymnasium
         import rpp
-        from rpp.llm.base import Ranker, Ranking
-
-        class PresentedOrder(Ranker):
-            identity = "test-presented-order"
-
-            def rank(self, requests):
-                out = [Ranking(order=list(range(len(r.candidates)))) for r in requests]
-                self.usage.record(out)
-                return out
+        sys.path.insert(0, TESTS_DIR)  # the test doubles of test_agents_train
+        from test_agents_train import PresentedOrderRanker
 
         cfg = rpp.load_config(None, ["data.n_train_users=2", "data.n_val_users=2", "data.n_test_users=2",
                                      "env.steps_per_episode=1", "train.check_users=0"])
-        env = gymnasium.make("rpp/PromptPersonalization-v0", cfg=cfg, split="train", ranker=PresentedOrder())
+        env = gymnasium.make("rpp/PromptPersonalization-v0", cfg=cfg, split="train", ranker=PresentedOrderRanker())
         obs, info = env.reset(seed=0)
         assert env.observation_space.contains(obs)
         obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
         assert terminated or truncated
         print(type(env.unwrapped).__name__)
-    """)
+    """.replace("TESTS_DIR", repr(str(Path(__file__).parent))))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "PromptPersonalizationEnv"
