@@ -36,6 +36,44 @@ def test_failed_rankings_are_not_cached(tmp_path):
     assert cache.get("k") is None and cache.stats()["entries"] == 0
 
 
+class CountingRanker:
+    """A stand-in inner ranker: answers every request in presented order."""
+
+    identity = "counting"
+
+    def __init__(self) -> None:
+        from rpp.llm import UsageTracker
+
+        self.usage = UsageTracker()
+
+    def rank(self, requests):
+        return [Ranking(order=list(range(len(r.candidates)))) for r in requests]
+
+    def close(self) -> None:
+        pass
+
+
+def test_one_commit_per_batch_of_puts(tmp_path):
+    """A batch of N new rankings (and the hit/miss totals) is written in ONE transaction, not N autocommits."""
+    cache = ResponseCache(tmp_path / "c.sqlite")
+    ranker = CachedRanker(CountingRanker(), cache)
+    statements: list[str] = []
+    cache._conn.set_trace_callback(statements.append)
+    batch = [RankRequest(REQ.messages, (f"Movie {i}", f"Other {i}")) for i in range(6)]
+    ranker.rank(batch[:4])  # four misses
+    ranker.rank(batch)  # four hits, two misses
+    cache._conn.set_trace_callback(None)
+
+    writes = [i for i, st in enumerate(statements) if st.lstrip().upper().startswith(("INSERT", "UPDATE", "DELETE"))]
+    commits = [i for i, st in enumerate(statements) if st.strip().upper() == "COMMIT"]
+    begins = [i for i, st in enumerate(statements) if st.strip().upper().startswith("BEGIN")]
+    assert len(commits) == 2 and len(begins) == 2  # one transaction per rank() call
+    for w in writes:  # every write inside one of them, none autocommitted on its own
+        assert any(b < w < c for b, c in zip(begins, commits)), statements[w]
+    assert cache.stats()["entries"] == 6 and cache.stats()["puts"] == 6
+    assert cache.stats()["hits"] == 4 and cache.stats()["misses"] == 6
+
+
 def test_corrupted_file_is_moved_aside_and_rebuilt(tmp_path, caplog):
     path = tmp_path / "c.sqlite"
     path.write_bytes(b"this is not a sqlite database at all" * 100)

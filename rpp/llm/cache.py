@@ -114,14 +114,32 @@ class ResponseCache:
         return ranking
 
     def put(self, key: str, ranking: Ranking) -> None:
-        """Store a successful ranking (failed ones are refused: they must be retried, not replayed)."""
-        if ranking.failed:
-            return
-        data = dataclasses.replace(ranking, cached=False)
-        self._conn.execute("INSERT OR REPLACE INTO rankings (key, ranking, created) VALUES (?, ?, ?)",
-                           (key, json.dumps(data.to_dict()), time.time()))
+        """Store one successful ranking (see put_many)."""
+        self.put_many([(key, ranking)])
+
+    def put_many(self, items: Sequence[tuple[str, Ranking]]) -> None:
+        """Store a batch's successful rankings (failed ones are refused: they must be retried, not replayed) and
+        this object's new hit/miss/put counts in ONE transaction: one commit per batch, not one per ranking (each
+        commit appends to the WAL and takes the file's write lock, which other processes wait for)."""
+        created = time.time()
+        rows = [(key, json.dumps(dataclasses.replace(r, cached=False).to_dict()), created)
+                for key, r in items if not r.failed]
         with self._lock:
-            self.puts += 1
+            self.puts += len(rows)
+            counts_changed = (self.hits, self.misses, self.puts) != tuple(self._persisted[k] for k in
+                                                                          ("hits", "misses", "puts"))
+        if not rows and not counts_changed:
+            return
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if rows:
+                conn.executemany("INSERT OR REPLACE INTO rankings (key, ranking, created) VALUES (?, ?, ?)", rows)
+            self.persist_counts()
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
 
     def persist_counts(self) -> None:
         """Add the hits, misses and puts since the last call to the totals stored in the file (one statement, so
@@ -187,8 +205,8 @@ class CachedRanker(Ranker):
             fresh = self.inner.rank([requests[i] for i in missing])
             for i, ranking in zip(missing, fresh):
                 out[i] = ranking
-                self.cache.put(keys[i], ranking)
-        self.cache.persist_counts()  # once per batch, so the file's totals survive this process
+        # the new rankings and the hit/miss totals (so they survive this process): one commit per batch
+        self.cache.put_many([(keys[i], out[i]) for i in missing])
         self.usage.record(out, wall_s=timer.elapsed)
         return out  # type: ignore[return-value]
 
