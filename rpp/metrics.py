@@ -7,6 +7,7 @@ presented order.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -175,3 +176,13 @@ def adjust_p_values(p_values, method: str = "holm") -> np.ndarray:
     out = np.empty(m)
     out[order] = np.minimum(stepped, 1.0)
     return out
+
+
+def choice_diversity(choices) -> tuple[int, float]:
+    """(number of distinct choices, entropy in bits of their distribution) over a sequence of hashable choices,
+    e.g. the prompt (tuple of action ids) a policy gives each user: 1 and 0.0 when everyone gets the same."""
+    counts = np.array(list(Counter(choices).values()), dtype=np.float64)
+    if counts.size == 0:
+        return 0, 0.0
+    p = counts / counts.sum()
+    return int(counts.size), float(max(0.0, -(p * np.log2(p)).sum()))

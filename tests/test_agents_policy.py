@@ -10,7 +10,7 @@ from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from rpp.agents.policy import PATTERNS, FourAgentPolicy, PolicySpaceError, distribution_stats
-from rpp.envs.core import CONTEXT_ROWS as C
+C = 3  # state row + two user rows (the layout with env.history_embedding)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -56,7 +56,8 @@ def make_vec(n=4, seed=0):
 
 def make_policy(hidden=8):
     obs_space = spaces.Box(-1.0, 1.0, (C + K, D), np.float32)
-    return FourAgentPolicy(obs_space, spaces.MultiDiscrete(NVEC), lambda _: 1e-3, hidden_size=hidden)
+    return FourAgentPolicy(obs_space, spaces.MultiDiscrete(NVEC), lambda _: 1e-3, hidden_size=hidden,
+                           context_rows=C)
 
 
 def random_obs(n, seed=0):
@@ -175,7 +176,7 @@ def test_sb3_trains_the_four_agents(algo):
     """Both algorithms train the policy: the role agent learns the user-dependent best action of the synthetic
     reward, and every agent's distribution moves."""
     env = make_vec()
-    kwargs = dict(n_steps=4, learning_rate=3e-3, seed=0, policy_kwargs=dict(hidden_size=16), verbose=0)
+    kwargs = dict(n_steps=4, learning_rate=3e-3, seed=0, policy_kwargs=dict(hidden_size=16, context_rows=C), verbose=0)
     if algo is PPO:
         kwargs.update(batch_size=16, n_epochs=4)
     model = algo(FourAgentPolicy, env, **kwargs)

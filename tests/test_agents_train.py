@@ -109,8 +109,9 @@ def test_a2c_trains_and_writes_a_complete_run_dir(tmp_path):
     assert model.num_timesteps == 24
     final = model.policy.state_dict()
     changed = [name for name, value in snapshot.initial.items() if not th.equal(value, final[name])]
-    # every agent's GRU and head, and the critic, were updated by A2C
-    for part in [f"mlp_extractor.agents.{i}.gru" for i in range(4)] + [f"action_net.heads.{i}" for i in range(4)] \
+    # every agent's GRU, user encoder and head, and the critic, were updated by A2C
+    for part in [f"mlp_extractor.agents.{i}.{net}" for i in range(4) for net in ("ranking.gru", "user")] \
+            + [f"action_net.heads.{i}" for i in range(4)] \
             + ["mlp_extractor.critic", "value_net"]:
         assert any(name.startswith(part) for name in changed), part
 
@@ -227,7 +228,8 @@ def test_serving_sees_what_the_environment_shows(tmp_path):
         assert prompt.action_ids == record["actions"] and prompt.text == record["prompt"]
     # no candidates: zero candidate rows, still a valid choice and prompt
     bare = served.observation(["Toy Story (1995)"])
-    assert not bare[1:].any() and bare[0].any()
+    c = served.policy.context_rows
+    assert not bare[c:].any() and bare[0].any() and bare[1].any()
     assert set(served.personalize(["Toy Story (1995)"]).action_ids) == {"role", "history", "reasoning", "format"}
 
 
@@ -285,3 +287,27 @@ def test_rpp_plus_trains_and_evaluates_with_refined_sentences(tmp_path, monkeypa
     table = pd.read_csv(out / "results.csv").set_index("method")
     assert list(table.index) == ["rpp+[plus] T=2", "rpp+[plus] T=1"]
     assert (table["refine_acceptance_rate"] == 1.0).all() and (table["refine_requests_per_user"] > 0).all()
+
+
+def test_entropy_coefficient_is_annealed_over_the_run(tmp_path):
+    """train.ent_coef_final: SB3 reads model.ent_coef at each update; the schedule sets it from the progress made
+    so far, linearly from ent_coef to ent_coef_final, and the TensorBoard log records each value."""
+    from rpp.agents import train
+    from rpp.agents.callbacks import EntropySchedule
+
+    schedule = EntropySchedule(0.1, 0.0, 100)
+    assert [schedule.value(t) for t in (0, 50, 100, 150)] == pytest.approx([0.1, 0.05, 0.0, 0.0])
+
+    seen = []
+
+    class Record(BaseCallback):
+        def _on_step(self):
+            return True
+
+        def _on_rollout_end(self):  # runs after the schedule (callbacks run in order)
+            seen.append((self.model.num_timesteps, self.model.ent_coef))
+
+    cfg = tiny_cfg(tmp_path, "anneal", "train.ent_coef=0.2", "train.ent_coef_final=0.0")
+    train(cfg, ranker=PromptHashRanker(), progress=False, callbacks=[Record()])
+    assert [t for t, _ in seen] == [8, 16, 24]
+    assert [c for _, c in seen] == pytest.approx([0.2 * (1 - t / 24) for t, _ in seen])

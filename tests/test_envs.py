@@ -23,7 +23,7 @@ from rpp.envs import (  # importing rpp.envs registers the Gymnasium id
     BatchedPromptVecEnv, PromptPersonalizationEnv, PromptPersonalizationParallelEnv, StateEncoder,
     UserStream, make_core,
 )
-from rpp.envs.core import CONTEXT_ROWS, state_text
+from rpp.envs.core import state_text
 
 
 def text_of(core, state) -> str:
@@ -81,16 +81,18 @@ def core(cfg, encoder):
 def test_reset_observation_layout(core):
     sample = core.samples[0]
     states, obs = core.reset([sample])
-    assert obs.shape == (1, CONTEXT_ROWS + core.obs_candidates, core.encoder.dim) == (1, 23, 384)
+    assert core.context_rows == 2  # state row, user row (the history-embedding row is opt-in)
+    assert obs.shape == (1, core.context_rows + core.obs_candidates, core.encoder.dim) == (1, 22, 384)
     assert obs.dtype == np.float32 and core.observation_space.contains(obs[0])
     # before the first step the candidate rows are in presented order
     expected = core.item_embeddings.lookup(sample.candidates)
-    np.testing.assert_array_equal(obs[0, CONTEXT_ROWS:], expected)
+    np.testing.assert_array_equal(obs[0, core.context_rows:], expected)
     assert np.isclose(np.linalg.norm(obs[0, 0]), 1.0, atol=1e-4)
-    # rows 1-2: the user's standardized features (history only); the step slot is 0 at reset
-    assert obs[0, 1, -1] == 0.0 and np.abs(obs[0, 1:3]).max() > 0.1
+    # row 1: the user's standardized features (history only); the step slot is 0 at reset
+    assert obs[0, 1, -1] == 0.0 and np.abs(obs[0, 1]).max() > 0.1
     other = core.samples[1]
-    assert not np.allclose(core.reset([other])[1][0, 1:3], obs[0, 1:3])
+    assert not np.allclose(core.reset([other])[1][0, 1], obs[0, 1])
+    assert states[0].step == 0 and states[0].chosen == core.builder.taskwise()
 
 
 def test_user_features_read_the_history_and_are_fixed_per_dataset(cfg, encoder):
@@ -105,7 +107,8 @@ def test_user_features_read_the_history_and_are_fixed_per_dataset(cfg, encoder):
                           history_genres=[("Drama",), ("Drama", "Comedy"), ("Drama",), ("Horror",)])
     row = feats.numeric(ctx)
     np.testing.assert_allclose(row[:3], [3 / 5, 1 / 5, 1 / 5])  # genre shares of the whole history
-    assert row[7] == pytest.approx((11 / 3 - 1) / 4) and row[9] == pytest.approx(2 / 3)  # rating mean, share >= 4
+    assert row[6:9].tolist() == [1.0, 0.0, 0.0]  # the dominant genre, one-hot
+    assert row[10] == pytest.approx((11 / 3 - 1) / 4) and row[12] == pytest.approx(2 / 3)  # rating mean, share >= 4
     vecs = np.array([[1.0, 0.0], [0.0, 1.0]])
     np.testing.assert_allclose(history_embedding(vecs), [2 ** -0.5, 2 ** -0.5])
 
@@ -113,8 +116,13 @@ def test_user_features_read_the_history_and_are_fixed_per_dataset(cfg, encoder):
     rows_train = train.user_rows(train.samples[0])
     again = make_core(cfg, "test", ranker=HashRanker(), encoder=encoder)
     np.testing.assert_array_equal(again.user_rows(train.samples[0]), rows_train)
-    assert rows_train.shape == (2, encoder.dim) and np.abs(rows_train).max() <= 1.0
-    assert states[0].step == 0 and states[0].chosen == core.builder.taskwise()
+    assert rows_train.shape == (1, encoder.dim) and np.abs(rows_train).max() <= 1.0
+    # opt-in: the mean history embedding as a second user row, standardized the same way
+    with_history = make_core(cfg_with("env.history_embedding=true"), "train", ranker=HashRanker(), encoder=encoder)
+    rows = with_history.user_rows(train.samples[0])
+    assert with_history.context_rows == 3 and rows.shape == (2, encoder.dim)
+    np.testing.assert_array_equal(rows[0], rows_train[0])
+    assert with_history.reset(train.samples[:1])[1].shape == (1, 3 + with_history.obs_candidates, encoder.dim)
 
 
 def test_step_reward_is_ndcg_minus_taskwise_baseline(core):
@@ -138,7 +146,7 @@ def test_step_reward_is_ndcg_minus_taskwise_baseline(core):
     assert info["usage"].prompt_tokens > 0
     # the candidate rows now follow this step's ranking, the state text mentions its top titles, and the
     # numeric row carries the episode step t / T
-    np.testing.assert_array_equal(obs[0, CONTEXT_ROWS:], states[0].candidate_embeddings[order])
+    np.testing.assert_array_equal(obs[0, core.context_rows:], states[0].candidate_embeddings[order])
     assert "ranked first: " + states[0].context.candidate_titles[order[0]] in text_of(core, states[0])
     assert obs[0, 1, -1] == pytest.approx(1 / core.steps_per_episode)
 

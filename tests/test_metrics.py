@@ -67,3 +67,13 @@ def test_paired_test_matches_scipy_wilcoxon():
     assert metrics.paired_test(a, a).p_value == 1.0
     with pytest.raises(ValueError):
         metrics.paired_test(a, b[:10])
+
+
+def test_choice_diversity_counts_distinct_prompts_and_their_entropy():
+    from rpp.metrics import choice_diversity
+
+    assert choice_diversity([("history", "a")] * 5) == (1, 0.0)
+    n, bits = choice_diversity(["a", "b", "a", "b"])
+    assert n == 2 and bits == pytest.approx(1.0)
+    assert choice_diversity(["a", "b", "c", "d"])[1] == pytest.approx(2.0)
+    assert choice_diversity([]) == (0, 0.0)

@@ -23,7 +23,6 @@ from rpp.agents.checkpoints import (
 )
 from rpp.agents.policy import PATTERNS
 from rpp.config import Config
-from rpp.llm.base import RankRequest
 from rpp.metrics import CLEARLY_ABOVE_RANDOM, METRIC_NAMES, Estimate, PairedTest, all_metrics, check_above_random, \
     paired_test, summarize, target_rank
 
@@ -66,15 +65,12 @@ def run_policy(policy, core, samples: Sequence, steps: int, batch_size: int) -> 
 def taskwise_ranks(core, samples: Sequence, batch_size: int) -> list[int]:
     """Target ranks under the task-wise default prompt (the same request the env's baseline makes, so a cached
     answer is reused)."""
-    taskwise = core.builder.taskwise()
     ranks = []
     bar = tqdm(total=len(samples), unit="user", desc="task-wise prompt", leave=False)
     for start in range(0, len(samples), batch_size):
         batch = list(samples[start:start + batch_size])
         bar.update(len(batch))
-        requests = [RankRequest(messages=core.builder.build(core.context(s), taskwise).messages,
-                                candidates=core.context(s).candidate_titles) for s in batch]
-        for s, ranking in zip(batch, core.ranker.rank(requests)):
+        for s, ranking in zip(batch, core.ranker.rank([core.taskwise_request(s) for s in batch])):
             ranks.append(target_rank(ranking.order, s.target_index))
     bar.close()
     return ranks

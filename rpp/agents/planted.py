@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from rpp.config import Config
+from rpp.metrics import choice_diversity
 
 
 def planted_check(cfg: Config, progress: bool = False) -> dict:
@@ -41,9 +42,44 @@ def planted_check(cfg: Config, progress: bool = False) -> dict:
     model = load_algorithm(cfg, latest_checkpoint(run_dir))
     samples = core.samples[:cfg.eval.n_users] if cfg.eval.n_users else core.samples
     records = run_policy(model.policy, core, samples, steps=cfg.eval.steps, batch_size=cfg.env.n_envs)
+    ceiling = feature_ceiling(cfg, ranker, core.encoder)
     return summarize_planted(ranker, core, records, cfg.env.reward_k) | {
-        "train_s": round(train_s, 1), "run_dir": str(run_dir),
+        "group_ceiling": ceiling["eval_accuracy"], "train_s": round(train_s, 1), "run_dir": str(run_dir),
     }
+
+
+def feature_ceiling(cfg: Config, ranker, encoder=None, l2: float = 1e-2) -> dict:
+    """How well the observation's user rows tell the planted groups apart at all: a softmax regression trained
+    on the TRAINING users' rows with their true group labels (which the learner never sees), scored on the
+    evaluation users. A learner rewarded only through NDCG cannot beat this supervised ceiling, so it is
+    reported beside every planted result."""
+    import torch as th
+
+    from rpp.envs import StateEncoder, make_core
+
+    encoder = encoder or StateEncoder(cfg.encoder)
+    cores = {split: make_core(cfg, split, ranker=ranker, encoder=encoder) for split in ("train", cfg.eval.split)}
+    data = {}
+    for split, core in cores.items():
+        x = th.as_tensor(np.stack([core.user_rows(s).reshape(-1) for s in core.samples]))
+        y = th.as_tensor([ranker.group[s.user] for s in core.samples])
+        data[split] = (x, y)
+    x, y = data["train"]
+    g = th.Generator().manual_seed(cfg.seed)
+    weight = (0.01 * th.randn(x.shape[1], ranker.rule.groups, generator=g)).requires_grad_()
+    bias = th.zeros(ranker.rule.groups, requires_grad=True)
+    opt = th.optim.LBFGS([weight, bias], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = th.nn.functional.cross_entropy(x @ weight + bias, y) + l2 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with th.no_grad():
+        acc = {split: float(((xs @ weight + bias).argmax(1) == ys).float().mean()) for split, (xs, ys) in data.items()}
+    return {"train_accuracy": acc["train"], "eval_accuracy": acc[cfg.eval.split]}
 
 
 def summarize_planted(ranker, core, records: list[dict], k: int = 10) -> dict:
@@ -62,8 +98,7 @@ def summarize_planted(ranker, core, records: list[dict], k: int = 10) -> dict:
         value = float(np.mean([ranker.ndcg(u, actions, k) for u in users]))
         if value > best_fixed:
             best_fixed, best_combo = value, dict(zip(rule.agents, combo))
-    prompts = Counter(tuple(sorted(r["actions"].items())) for r in records)
-    shares = np.array(list(prompts.values()), dtype=float) / len(records)
+    distinct, bits = choice_diversity(tuple(sorted(r["actions"].items())) for r in records)
     groups = Counter(ranker.group[u] for u in users)
     return {
         "rule": rule.model_dump(),
@@ -78,8 +113,8 @@ def summarize_planted(ranker, core, records: list[dict], k: int = 10) -> dict:
         "best_fixed_ndcg": best_fixed,
         "best_fixed": best_combo,
         "taskwise_ndcg": float(taskwise_ndcg.mean()),
-        "distinct_prompts": len(prompts),
-        "prompt_entropy_bits": float(-(shares * np.log2(shares)).sum()),
+        "distinct_prompts": distinct,
+        "prompt_entropy_bits": bits,
     }
 
 

@@ -1,8 +1,9 @@
 """The four prompt agents (role, history, reasoning, format) as ONE stable-baselines3 actor-critic policy.
 
-Observation (from rpp.envs): a (C + K, D) float32 array with C = context_rows (3): row 0 is the state embedding
-(BERT encoding of the current prompt state), rows 1..C-1 describe the user (numeric features with the episode step,
-mean history embedding), rows C.. the embeddings of the candidates in the order of the LLM's last ranking.
+Observation (from rpp.envs): a (C + K, D) float32 array with C = context_rows (2, or 3 with env.history_embedding):
+row 0 is the state embedding (BERT encoding of the current prompt state), rows 1..C-1 describe the user (numeric
+features with the episode step; the mean history embedding), rows C.. the embeddings of the candidates in the
+order of the LLM's last ranking.
 Action: MultiDiscrete([n_role, n_history, n_reasoning, n_format]), one sentence id per agent.
 
 Design (centralized training, decentralized execution, as in RPP):
@@ -43,7 +44,7 @@ class PolicySpaceError(ValueError):
 
 
 def check_spaces(observation_space: spaces.Space, action_space: spaces.Space,
-                 context_rows: int = 3) -> tuple[int, int, list[int]]:
+                 context_rows: int = 2) -> tuple[int, int, list[int]]:
     """Validate the spaces; return (K candidates, embedding dim D, nvec)."""
     if not isinstance(observation_space, spaces.Box) or len(observation_space.shape) != 2:
         raise PolicySpaceError(
@@ -99,7 +100,7 @@ class FourAgentExtractor(nn.Module):
     """SB3 ``mlp_extractor``: per-agent actor latents (concatenated) and the centralized critic latent."""
 
     def __init__(self, n_candidates: int, embed_dim: int, hidden: int, n_agents: int = len(PATTERNS),
-                 context_rows: int = 3):
+                 context_rows: int = 2):
         super().__init__()
         self.context_rows = context_rows
         self.n_rows, self.embed_dim = context_rows + n_candidates, embed_dim
@@ -142,12 +143,12 @@ class FourAgentPolicy(ActorCriticPolicy):
     """Four separately parameterized actors (one GRU encoder + head each) and one centralized critic.
 
     Extra keywords: ``hidden_size`` (width of each agent's GRU and MLPs, and of the critic), from
-    cfg.train.hidden_size; ``context_rows`` (observation rows before the candidates; rpp.envs.CONTEXT_ROWS).
+    cfg.train.hidden_size; ``context_rows`` (observation rows before the candidates; rpp.envs.core.context_rows).
     ``net_arch`` is not used: the architecture is the one described in the module doc.
     """
 
     def __init__(self, observation_space: spaces.Space, action_space: spaces.Space, lr_schedule,
-                 hidden_size: int = 64, context_rows: int = 3, **kwargs: Any):
+                 hidden_size: int = 64, context_rows: int = 2, **kwargs: Any):
         self.context_rows = int(context_rows)
         self.n_candidates, self.embed_dim, self.nvec = check_spaces(observation_space, action_space,
                                                                     self.context_rows)

@@ -52,9 +52,7 @@ class PromptPolicy:
         if dim != self.encoder.dim:
             raise ValueError(f"the policy expects {dim}-d embeddings, encoder {cfg.encoder.model} gives "
                              f"{self.encoder.dim}")
-        from rpp.envs.core import CONTEXT_ROWS
-
-        self.n_candidates = rows - CONTEXT_ROWS
+        self.n_candidates = rows - self.policy.context_rows
         self._dataset = None
         self._features = None
 
@@ -91,14 +89,14 @@ class PromptPolicy:
 
             self._dataset = load_dataset(self.cfg.data)
             self._features = UserRows.fit(self._dataset, self.encoder.item_embeddings(self._dataset),
-                                          self.encoder.dim)
+                                          self.encoder.dim, history=self.cfg.env.history_embedding)
             self._title_genres = {self._dataset.title(i): self._dataset.genres(i)
                                   for i in self._dataset.items["item"].tolist()}
         return self._title_genres
 
     def observation(self, history_titles: Sequence[str], candidates: Optional[Sequence[str]] = None,
                     ratings: Optional[Sequence[float]] = None) -> np.ndarray:
-        """The (CONTEXT_ROWS + K, D) observation of the first step of an episode for this user."""
+        """The (C + K, D) observation of the first step of an episode for this user."""
         from rpp.envs.core import observation, state_text
 
         ctx = self.context(history_titles, candidates, ratings)

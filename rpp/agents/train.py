@@ -34,7 +34,7 @@ from rpp.agents.checkpoints import (
 )
 from rpp.agents.policy import PATTERNS, FourAgentPolicy
 from rpp.config import Config
-from rpp.envs.core import CONTEXT_ROWS
+from rpp.envs.core import context_rows
 
 ALGORITHMS = {"ppo": PPO, "a2c": A2C}
 
@@ -45,7 +45,7 @@ def algorithm_kwargs(cfg: Config, n_envs: int) -> dict:
     t = cfg.train
     kwargs = dict(learning_rate=t.learning_rate, n_steps=cfg.rollout_steps, gamma=t.gamma, gae_lambda=t.gae_lambda,
                   ent_coef=t.ent_coef, vf_coef=t.vf_coef, max_grad_norm=t.max_grad_norm,
-                  policy_kwargs=dict(hidden_size=t.hidden_size, context_rows=CONTEXT_ROWS), device=t.device,
+                  policy_kwargs=dict(hidden_size=t.hidden_size, context_rows=context_rows(cfg.env)), device=t.device,
                   seed=cfg.seed, verbose=0)
     if t.algo == "ppo":
         # a minibatch larger than the rollout would just be the rollout; SB3 warns on a ragged last minibatch

@@ -105,6 +105,43 @@ class BenchContext:
             ctx = self._contexts[sample.user] = UserContext.from_sample(sample, self.dataset)
         return ctx
 
+    def history_holdout(self, user: UserSample, n_history: Optional[int] = None, tag: str = "holdout") -> UserSample:
+        """A pseudo-episode from the user's own HISTORY: history[:n_history] as the history, history item
+        n_history as the target (default: the last history item), and seeded negatives the user never
+        interacted with in the history (drawn like the split's, keyed by (user, tag, n_history)). The test
+        target is never read. What per-user choices (PAP-REC, the per-user prompt reference) validate on."""
+        from rpp.data.split import sample_candidates
+
+        n = len(user.history) - 1 if n_history is None else int(n_history)
+        if not 1 <= n < len(user.history):
+            raise BenchmarkError(f"user {user.user!r}: cannot hold out history item {n} of {len(user.history)}")
+        if self._negatives is None:
+            item_ids = np.sort(self.dataset.items["item"].to_numpy())
+            popularity = None
+            if self.cfg.data.negatives == "popularity":
+                counts = self.train_interactions["item"].value_counts()
+                popularity = np.array([counts.get(i, 0) for i in item_ids], dtype=np.float64)
+            self._negatives = (item_ids, popularity)
+        item_ids, popularity = self._negatives
+        target = user.history[n]
+        cands, slot = sample_candidates((user.user, tag, n), set(user.history), target, item_ids, popularity,
+                                        self.cfg.data.n_candidates, self.seed)
+        return UserSample(user=user.user, history=tuple(user.history[:n]),
+                          history_ratings=tuple(user.history_ratings[:n]), target=target, candidates=cands,
+                          target_index=slot)
+
+    def rank_samples(self, samples: Sequence[UserSample], chosen: Sequence[dict]) -> list[Ranking]:
+        """Like rank_prompts, for samples that are not the split's (history holdouts): their contexts are built
+        from the sample itself, never from the per-user context cache."""
+        from rpp.prompts import UserContext
+
+        out: list[Ranking] = []
+        for start in range(0, len(samples), CHUNK_USERS):
+            requests = [self.builder.request(UserContext.from_sample(s, self.dataset), c)[1]
+                        for s, c in zip(samples[start:start + CHUNK_USERS], chosen[start:start + CHUNK_USERS])]
+            out.extend(self.ranker.rank(requests))
+        return out
+
     def rank_prompts(self, users: Sequence[UserSample], chosen: Sequence[dict],
                      refined: Optional[Sequence[Optional[dict]]] = None) -> list[Ranking]:
         """Rank every user's candidates under their own prompt (chosen actions [+ sentence texts]), one ranker
@@ -120,8 +157,7 @@ class BenchContext:
             requests = []
             for i in range(start, min(start + CHUNK_USERS, len(users))):
                 uctx = self.user_context(users[i])
-                prompt = self.builder.build(uctx, chosen[i], refined[i])
-                requests.append(RankRequest(messages=prompt.messages, candidates=uctx.candidate_titles))
+                requests.append(self.builder.request(uctx, chosen[i], refined[i])[1])
             rankings = self.ranker.rank(requests)
             if len(rankings) != len(requests):
                 raise RuntimeError(f"ranker returned {len(rankings)} rankings for {len(requests)} requests")
@@ -267,6 +303,35 @@ LLMRANK_PROMPTS = {
 # ---------------------------------------------------------------------------------------------- LLM: enumeration
 
 
+def prompt_combinations(builder, budget: int, seed: int) -> list[tuple[int, ...]]:
+    """Up to `budget` action combinations (indices in PATTERNS order), the task-wise one first: all of them when
+    there are at most `budget`, else the task-wise one plus a seeded random subset of the others."""
+    action_set = builder.action_set
+    sizes = action_set.sizes()
+    taskwise = builder.taskwise()
+    tw = tuple(action_set.index(p, taskwise[p].id) for p in PATTERNS)
+    total = int(np.prod(sizes))
+    if total <= budget:
+        everything = list(itertools.product(*(range(s) for s in sizes)))
+        everything.remove(tw)
+        return [tw] + everything
+    # Sample flat indices (no need to materialize thousands of combinations), excluding the task-wise one.
+    strides = np.cumprod([1] + sizes[::-1][:-1])[::-1]
+    tw_flat = int(sum(i * s for i, s in zip(tw, strides)))
+    rng = np.random.default_rng([int(seed), 0xE7E7])
+    pool = np.setdiff1d(np.arange(total), [tw_flat])
+    picked = np.sort(rng.choice(pool, size=budget - 1, replace=False))
+    combos = [tw]
+    for flat in picked.tolist():
+        combos.append(tuple(int(flat // s) % n for s, n in zip(strides, sizes)))
+    return combos
+
+
+def chosen_actions(builder, combo: Sequence[int]) -> dict:
+    """{pattern: Action} for a combination of action indices in PATTERNS order."""
+    return {p: builder.action_set.action(p, int(i)) for p, i in zip(PATTERNS, combo)}
+
+
 class EnumerationMethod(Method):
     """The best FIXED combination of the four patterns, chosen on validation users, then applied to test users.
 
@@ -287,30 +352,11 @@ class EnumerationMethod(Method):
 
     def combinations(self) -> list[tuple[int, ...]]:
         """The combinations to try, as action indices in PATTERNS order; task-wise first."""
-        action_set = self.ctx.builder.action_set
-        sizes = action_set.sizes()
-        taskwise = self.ctx.builder.taskwise()
-        tw = tuple(action_set.index(p, taskwise[p].id) for p in PATTERNS)
-        self.total_combinations = int(np.prod(sizes))
-        budget = self.ctx.cfg.benchmark.enumeration_budget
-        if self.total_combinations <= budget:
-            everything = list(itertools.product(*(range(s) for s in sizes)))
-            everything.remove(tw)
-            return [tw] + everything
-        # Sample flat indices (no need to materialize thousands of combinations), excluding the task-wise one.
-        strides = np.cumprod([1] + sizes[::-1][:-1])[::-1]
-        tw_flat = int(sum(i * s for i, s in zip(tw, strides)))
-        rng = np.random.default_rng([int(self.ctx.seed), 0xE7E7])
-        pool = np.setdiff1d(np.arange(self.total_combinations), [tw_flat])
-        picked = np.sort(rng.choice(pool, size=budget - 1, replace=False))
-        combos = [tw]
-        for flat in picked.tolist():
-            combos.append(tuple(int(flat // s) % n for s, n in zip(strides, sizes)))
-        return combos
+        self.total_combinations = int(np.prod(self.ctx.builder.action_set.sizes()))
+        return prompt_combinations(self.ctx.builder, self.ctx.cfg.benchmark.enumeration_budget, self.ctx.seed)
 
     def _chosen(self, combo: tuple[int, ...]) -> dict:
-        action_set = self.ctx.builder.action_set
-        return {p: action_set.action(p, i) for p, i in zip(PATTERNS, combo)}
+        return chosen_actions(self.ctx.builder, combo)
 
     def fit(self) -> None:
         users = self.ctx.fit_users

@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 from rpp.benchmark.methods import BenchContext, BenchmarkError
 from rpp.data import UserSample
 from rpp.llm.base import Ranking
+from rpp.metrics import choice_diversity
 from rpp.prompts.actions import PATTERNS
 
 
@@ -115,7 +116,8 @@ def evaluate_policy(ctx: BenchContext, run_dir: str | Path, users: Sequence[User
     notes = _check_compatible(run_dir, run_cfg, ctx, users)
     model = load_algorithm(run_cfg, checkpoint)
     env_cfg = ctx.cfg.env.model_copy(update={"reward_baseline": "none", "steps_per_episode": int(steps),
-                                             "obs_candidates": run_cfg.env.obs_candidates})
+                                             "obs_candidates": run_cfg.env.obs_candidates,
+                                             "history_embedding": run_cfg.env.history_embedding})
     refiner = None
     if refine:
         source = run_cfg.refiner if run_cfg.refiner.enabled else ctx.cfg.refiner
@@ -141,5 +143,7 @@ def evaluate_policy(ctx: BenchContext, run_dir: str | Path, users: Sequence[User
         if refiner is not None:
             refiner.close()
     rankings = [Ranking(order=list(r["ranking_indices"]), failed=bool(r["ranker_failed"])) for r in records]
+    distinct, bits = choice_diversity(tuple(sorted(r["actions"].items())) for r in records)
+    notes.append(f"{distinct} distinct prompts over {len(records)} users (entropy {bits:.2f} bits)")
     notes.append(f"checkpoint {checkpoint.name}")
     return rankings, notes, training_usage(run_dir, run_cfg), stats

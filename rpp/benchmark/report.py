@@ -152,7 +152,7 @@ def plot_ndcg(table: pd.DataFrame, reference: Optional[str], path: Path) -> None
     import matplotlib.pyplot as plt
 
     colors = {"taskwise": "#4C72B0", "optimizer": "#55A868", "policy": "#C44E52", "classic": "#8172B2",
-              "floor": "#937860", "other": "#777777"}
+              "floor": "#937860", "reference": "#DD8452", "upper_bound": "#CCCCCC", "other": "#777777"}
     t = table.iloc[::-1]
     fig, ax = plt.subplots(figsize=(7.5, 0.42 * len(t) + 1.4))
     y = np.arange(len(t))
@@ -326,7 +326,7 @@ def cost_markdown(results: Sequence[MethodResult]) -> list[str]:
              "(through the shared ranker and the method's own scorer; cache answers included), on `train users`; "
              "`infer calls/user` = ranking requests + generations per test user (PAP-REC's personal row searches "
              "each test user's token here); `fwd`/`bwd` = model forward/backward passes the method ran itself "
-             "(PAP-REC; inference share in brackets); `fit s` = the method's training time (rows that share one "
+             "(PAP-REC; in brackets: per test user, while ranking test users); `fit s` = the method's training time (rows that share one "
              "training, like the two PAP-REC rows, both show it), `rank s` = time ranking the test users, in this run "
              "(generations and ranking requests answered by a cache cost almost nothing).", "",
              "| method | train calls (rank + gen.) | train users | infer calls/user (rank + gen.) | fwd (infer) | "
@@ -338,9 +338,10 @@ def cost_markdown(results: Sequence[MethodResult]) -> list[str]:
         train_gen = int(c.get("train_generations", 0))
         infer_rank = (r.infer_usage.requests + int(c.get("infer_requests", 0))) / n if n else math.nan
         infer_gen = int(c.get("infer_generations", 0)) / n if n else math.nan
-        fwd = f"{int(c['forward_passes'])} ({int(c.get('infer_forward_passes', 0))})" if "forward_passes" in c else "-"
-        bwd = f"{int(c['backward_passes'])} ({int(c.get('infer_backward_passes', 0))})" \
-            if "backward_passes" in c else "-"
+        fwd = f"{int(c['forward_passes'])} ({c.get('infer_forward_passes', 0) / n:.1f}/user)" \
+            if "forward_passes" in c and n else "-"
+        bwd = f"{int(c['backward_passes'])} ({c.get('infer_backward_passes', 0) / n:.1f}/user)" \
+            if "backward_passes" in c and n else "-"
         lines.append(f"| {r.name} | {train_rank + train_gen} ({train_rank} + {train_gen}) | "
                      f"{int(c.get('train_users', 0))} | {infer_rank + infer_gen:.2f} ({infer_rank:.2f} + "
                      f"{infer_gen:.2f}) | {fwd} | {bwd} | {c.get('train_s', r.fit_s):.1f} | {r.rank_s:.1f} | "

@@ -5,15 +5,15 @@ prompts (with the RPP+ refiner's texts when one is attached), rank every user's 
 call, score the target's rank, and encode the next observations in one encoder batch. The three env faces only
 decide which users are in the batch and how results are packaged, so no step logic exists twice.
 
-Observation (per user): a (CONTEXT_ROWS + K, dim) float32 array in [-1, 1]:
+Observation (per user): a (C + K, dim) float32 array in [-1, 1], C = ``context_rows(env_cfg)``:
 - row 0 embeds the state text (the four current sentences, the recent history, and from step 1 on the top of the
   last ranking): the BERT state of RPP;
-- row 1 holds the user's numeric features (genre shares, history length, rating statistics; rpp.envs.features)
-  and, in its last slot, the episode step t / T;
-- row 2 is the mean embedding of the user's history titles;
-- rows CONTEXT_ROWS.. embed the candidate titles in the order of the last ranking (the presented order before the
-  first step), so a policy sees both the prompt it used and what the LLM made of it (the GRU reads these rows).
-Rows 1 and 2 are what let agents tell users apart: the state text of step 0 is nearly the same for everyone.
+- row 1 holds the user's standardized features (genre shares, dominant genre, history length, rating statistics;
+  rpp.envs.features) and, in its last slot, the episode step t / T;
+- with env.history_embedding, row 2 is the mean embedding of the user's history titles;
+- rows C.. embed the candidate titles in the order of the last ranking (the presented order before the first
+  step), so a policy sees both the prompt it used and what the LLM made of it (the GRU reads these rows).
+The user rows are what let agents tell users apart: the state text of step 0 is nearly the same for everyone.
 
 Reward: NDCG@reward_k of the target in this step's ranking, minus the user's NDCG under the task-wise prompt when
 env.reward_baseline == "taskwise". That baseline is one extra ranker call per user, made at reset for all users
@@ -45,8 +45,11 @@ from rpp.prompts import PATTERNS, Action, PromptBuilder, UserContext, load_actio
 from rpp.envs.encoder import ItemEmbeddings, StateEncoder
 from rpp.envs.features import UserRows
 
-CONTEXT_ROWS = 3
-"""Observation rows before the candidate rows: state text, numeric user features (+ step), history embedding."""
+
+def context_rows(env_cfg: EnvConfig) -> int:
+    """Observation rows before the candidate rows: the state text, the user features (+ step) and, with
+    env.history_embedding, the mean history embedding."""
+    return 2 + int(env_cfg.history_embedding)
 
 
 @dataclass
@@ -127,11 +130,13 @@ class StepCore:
         self.steps_per_episode = self.env_cfg.steps_per_episode
         n_cand = max(len(s.candidates) for s in self.samples)
         self.obs_candidates = self.env_cfg.obs_candidates or n_cand
+        self.context_rows = context_rows(self.env_cfg)
         self.observation_space = spaces.Box(low=-1.0, high=1.0,
-                                            shape=(CONTEXT_ROWS + self.obs_candidates, encoder.dim),
+                                            shape=(self.context_rows + self.obs_candidates, encoder.dim),
                                             dtype=np.float32)
         self.item_embeddings: ItemEmbeddings = encoder.item_embeddings(dataset)
-        self.user_features = UserRows.fit(dataset, self.item_embeddings, encoder.dim)
+        self.user_features = UserRows.fit(dataset, self.item_embeddings, encoder.dim,
+                                          history=self.env_cfg.history_embedding)
         self._contexts: dict = {}
         self._user_rows: dict = {}
         self._baselines: dict = {}
@@ -166,7 +171,7 @@ class StepCore:
         return rankings, elapsed
 
     def user_rows(self, sample: UserSample) -> np.ndarray:
-        """[2, dim]: numeric user features and history embedding, computed once per user (history only)."""
+        """[C - 1, dim]: the user rows of the observation, computed once per user (history only)."""
         rows = self._user_rows.get(sample.user)
         if rows is None:
             rows = self._user_rows[sample.user] = self.user_features.rows(
@@ -174,7 +179,7 @@ class StepCore:
         return rows
 
     def observe(self, states: Sequence[EpisodeState]) -> np.ndarray:
-        """[N, CONTEXT_ROWS + K, dim] float32: the N state texts encoded in one batch, the rest by lookup."""
+        """[N, C + K, dim] float32: the N state texts encoded in one batch, the rest by lookup."""
         texts = [state_text(s.context, s.chosen, s.sentences, s.step, s.last_order, self.encoder_cfg)
                  for s in states]
         return observation(self.encoder.encode(texts) if states else np.zeros((0, self.encoder.dim)),
@@ -470,14 +475,16 @@ def state_text(context: UserContext, chosen: dict, sentences: dict, step: int, l
 
 def observation(state_rows: np.ndarray, user_rows: Sequence[np.ndarray], candidate_rows: Sequence[np.ndarray],
                 progress: Sequence[float], k: int) -> np.ndarray:
-    """Assemble [N, CONTEXT_ROWS + k, dim] observations (layout in the module doc); `progress` is t / T, written
-    in the last slot of the numeric user row; candidate rows beyond k are dropped, missing ones stay zero."""
+    """Assemble [N, C + k, dim] observations (layout in the module doc; C = 1 + the user rows); `progress` is
+    t / T, written in the last slot of the first user row; candidate rows beyond k are dropped, missing ones stay
+    zero."""
     n, dim = len(user_rows), state_rows.shape[-1]
-    obs = np.zeros((n, CONTEXT_ROWS + k, dim), dtype=np.float32)
+    c = 1 + (len(user_rows[0]) if n else 1)
+    obs = np.zeros((n, c + k, dim), dtype=np.float32)
     for i in range(n):
         obs[i, 0] = state_rows[i]
-        obs[i, 1:CONTEXT_ROWS] = user_rows[i]
+        obs[i, 1:c] = user_rows[i]
         obs[i, 1, -1] = progress[i]
         cand = candidate_rows[i][:k]
-        obs[i, CONTEXT_ROWS:CONTEXT_ROWS + len(cand)] = cand
+        obs[i, c:c + len(cand)] = cand
     return obs

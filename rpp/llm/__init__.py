@@ -46,12 +46,18 @@ def make_backend(llm_cfg) -> Ranker:
         from rpp.llm.openai_backend import OpenAIRanker
 
         return OpenAIRanker.from_config(llm_cfg)
-    raise ValueError(f"unknown llm.backend {llm_cfg.backend!r} (local or openai)")
+    if llm_cfg.backend == "planted":
+        raise ValueError("llm.backend planted needs the whole config (dataset, split, action set): use make_ranker(cfg)")
+    raise ValueError(f"unknown llm.backend {llm_cfg.backend!r} (local, openai or planted)")
 
 
 def make_ranker(cfg) -> Ranker:
     """The ranker a run uses: backend, then bootstrapping (cfg.llm.bootstrap > 1), then the response cache."""
     llm = cfg.llm
+    if llm.backend == "planted":  # deterministic and instant: nothing to bootstrap or cache
+        from rpp.llm.planted import PlantedRanker
+
+        return PlantedRanker.from_config(cfg)
     ranker = make_backend(llm)
     if llm.bootstrap > 1:
         ranker = BootstrapRanker(ranker, llm.bootstrap, llm.seed)

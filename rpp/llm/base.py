@@ -69,10 +69,15 @@ class RankRequest:
     """Chat messages as a tuple of {"role", "content"} dicts; the last one is the user's turn."""
     candidates: tuple
     """Candidate titles in presented order."""
+    tags: dict = field(default_factory=dict, compare=False)
+    """Bookkeeping for instrumented rankers, never sent to a model and not part of the cache key: the environment
+    puts the user id and the chosen action ids here ({"user": id, "actions": {pattern: id}}), which is all the
+    planted ranker (rpp.llm.planted) reads. Real rankers ignore it."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "messages", tuple(dict(m) for m in self.messages))
         object.__setattr__(self, "candidates", tuple(str(c) for c in self.candidates))
+        object.__setattr__(self, "tags", dict(self.tags or {}))
         if not self.candidates:
             raise ValueError("a RankRequest needs at least one candidate")
 

@@ -32,7 +32,7 @@ class PlantedRequestError(ValueError):
 def user_groups(samples: Sequence, dataset, n_groups: int, feature: str) -> dict:
     """user -> group index in [0, n_groups), from an observable feature of the user's HISTORY (never the target).
 
-    genre: each user's dominant history genre (most frequent; ties by name); genres are dealt to groups largest
+    genre: each user's dominant history genre (rpp.envs.features.dominant_genre); genres are dealt to groups largest
     first, each to the group with the fewest users so far, so groups come out about equally large.
     history_length: quantile buckets of the history length."""
     if n_groups == 1:
@@ -41,14 +41,14 @@ def user_groups(samples: Sequence, dataset, n_groups: int, feature: str) -> dict
         lengths = np.array([len(s.history) for s in samples], dtype=float)
         edges = np.quantile(lengths, np.linspace(0, 1, n_groups + 1)[1:-1])
         return {s.user: int(np.searchsorted(edges, len(s.history), side="right")) for s in samples}
+    from rpp.envs.features import dominant_genre
+
     dominant = {}
     for s in samples:
-        counts = Counter(g for item in s.history for g in dataset.genres(item))
-        if not counts:
+        dominant[s.user] = dominant_genre(dataset.genres(item) for item in s.history)
+        if dominant[s.user] is None:
             raise PlantedRequestError(f"user {s.user!r} has no genres in the history; the planted rule's feature "
                                       "'genre' needs a dataset with genres (use feature: history_length)")
-        top = max(counts.values())
-        dominant[s.user] = min(g for g, c in counts.items() if c == top)
     sizes = Counter(dominant.values())
     load = [0] * n_groups
     group_of_genre = {}
@@ -115,12 +115,13 @@ class PlantedRanker(Ranker):
         return float(np.clip(q, 0.0, 1.0))
 
     def target_rank(self, quality: float, n_candidates: int) -> int:
+        """1-based position of the target (1 = first)."""
         return 1 + int(round((1.0 - quality) * (n_candidates - 1)))
 
     def ndcg(self, user, actions: dict[str, str], k: int = 10, noise: bool = True) -> float:
         """The NDCG@k this user gets with these actions (what the environment will measure)."""
         n = len(self.by_user[user].candidates)
-        return float(ndcg_at_k([self.target_rank(self.quality(user, actions, noise), n)], k)[0])
+        return float(ndcg_at_k([self.target_rank(self.quality(user, actions, noise), n) - 1], k)[0])  # 0-based
 
     # ------------------------------------------------------------------ Ranker API
 

@@ -222,3 +222,14 @@ class PromptBuilder:
         messages = ({"role": "system", "content": system}, {"role": "user", "content": "\n\n".join(blocks)})
         return Prompt(messages=messages, sentences=sent, action_ids={p: chosen[p].id for p in PATTERNS},
                       history_shown=n_shown, candidates=tuple(ctx.candidate_titles))
+
+    def request(self, ctx: UserContext, chosen: dict[str, Action],
+                refined: Optional[dict[str, str]] = None) -> tuple[Prompt, "RankRequest"]:
+        """The prompt and the ranker request for it: the one place a prompt becomes a RankRequest (environment
+        steps, task-wise baselines, evaluation and benchmark methods all come here). The request's tags carry the
+        user and the action ids for instrumented rankers (rpp.llm.planted); no model ever sees them."""
+        from rpp.llm.base import RankRequest
+
+        prompt = self.build(ctx, chosen, refined)
+        return prompt, RankRequest(messages=prompt.messages, candidates=ctx.candidate_titles,
+                                   tags={"user": ctx.user, "actions": dict(prompt.action_ids)})
