@@ -89,9 +89,21 @@ def test_generate_mode_gives_a_parsed_permutation():
     assert gen.usage.batches == 1 and gen.usage.snapshot().calls == 2
 
 
-def test_bootstrap_shuffles_the_shown_list_and_sums_scores(ranker):
+def test_bootstrap_through_the_builder_scores_each_shown_order(ranker):
+    """llm.bootstrap on a prompt from the real PromptBuilder (score mode, list shown): the model sees each shuffled
+    list, so the orders give different scores, and the result is their sum mapped back to the candidates."""
+    from rpp.config import PromptConfig
+    from rpp.prompts import PATTERNS, PromptBuilder, UserContext, load_action_set
+
+    actions = load_action_set(None)
+    history = ("Toy Story (1995)", "Aladdin (1992)", "Lion King, The (1994)")
+    ctx = UserContext(user=1, history_titles=history, history_ratings=(5.0, 4.0, 5.0),
+                      history_genres=((),) * 3, candidate_titles=CANDS)
+    builder = PromptBuilder(actions, PromptConfig(show_candidates=True), "movie", mode="score")
+    prompt = builder.build(ctx, {p: actions.action(p, 0) for p in PATTERNS})
+    req = RankRequest(prompt.messages, CANDS)
+
     boot = BootstrapRanker(ranker, bootstrap=3, seed=7)
-    req = request("Toy Story (1995), Aladdin (1992)", show_list=True)
     perms = boot.permutations(req)
     assert perms[0] == list(range(len(CANDS))) and len({tuple(p) for p in perms}) == 3
     assert perms == boot.permutations(req)  # seeded by (seed, request)
@@ -99,15 +111,51 @@ def test_bootstrap_shuffles_the_shown_list_and_sums_scores(ranker):
     r = boot.rank([req])[0]
     assert ranker.usage.batches == before + 1  # the B orders go to the inner ranker in ONE call
     assert sorted(r.order) == list(range(len(CANDS)))
-    # Scores are the sums over the three shown orders, each mapped back to the original candidate.
-    from rpp.llm import render_candidates
 
-    total = [0.0] * len(CANDS)
+    per_order = []
     for p in perms:
-        shuffled = render_candidates(RankRequest(req.messages, tuple(CANDS[i] for i in p)))
-        for j, s in enumerate(ranker.rank([shuffled])[0].scores):
-            total[p[j]] += s
-    assert r.scores == pytest.approx(total, abs=1e-3)
+        scores = ranker.rank([RankRequest(prompt.messages, tuple(CANDS[i] for i in p))])[0].scores
+        back = [0.0] * len(CANDS)
+        for j, s in enumerate(scores):
+            back[p[j]] = s
+        per_order.append(back)
+    # the shown order changes what the model scores (it would not if the shuffles never reached the prompt)
+    assert max(abs(a - b) for a, b in zip(per_order[0], per_order[1])) > 1e-3
+    assert max(abs(a - b) for a, b in zip(per_order[0], per_order[2])) > 1e-3
+    assert r.scores == pytest.approx([sum(col) for col in zip(*per_order)], abs=1e-3)
+
+
+def test_score_mode_templates_and_tokenises_each_prompt_once(ranker, monkeypatch):
+    from rpp.llm import local
+
+    templated = []
+    real = local.prompt_text
+    monkeypatch.setattr(local, "prompt_text", lambda loaded, messages: templated.append(1) or real(loaded, messages))
+    rankings = ranker.rank(REQUESTS)
+    assert len(templated) == len(REQUESTS)
+    for req, r in zip(REQUESTS, rankings):  # prompt tokens still count the whole prefix plus the scored titles
+        assert r.prompt_tokens > len(local.encode(ranker.loaded, real(ranker.loaded, req.messages)))
+
+
+def test_no_deprecated_transformers_api(ranker, monkeypatch):
+    """transformers 5 renamed past_key_values to cache; the old name logs a deprecation warning (once per process,
+    which is why the logger itself is patched) on every demo run. Both modes must run without it."""
+    import warnings
+
+    from transformers.utils import generic
+
+    from rpp.llm.local import LocalRanker
+
+    def deprecated(message, *args, **kwargs):
+        raise AssertionError(f"transformers deprecation warning: {message}")
+
+    monkeypatch.setattr(generic.logger, "warning_once", deprecated)
+    gen = LocalRanker(mode="generate", dtype="float32", max_new_tokens=4, threads=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        scored = ranker.rank(REQUESTS[:2])
+        generated = gen.rank([request("Heat (1995)", show_list=True)])
+    assert not any(r.failed for r in scored + generated), [r.error for r in scored + generated]
 
 
 def test_local_generator_shares_the_weights_and_writes_text(ranker):

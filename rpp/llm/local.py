@@ -239,19 +239,29 @@ def encode(loaded: LoadedModel, text: str) -> list[int]:
     return loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def score_candidates(loaded: LoadedModel, requests: Sequence[RankRequest]) -> list[list[list[float]]]:
+def encode_prompt(loaded: LoadedModel, messages: Sequence[dict]) -> list[int]:
+    """The token ids of the chat-templated prompt (the scored prefix; its length is the request's prompt tokens)."""
+    return encode(loaded, prompt_text(loaded, messages))
+
+
+def score_candidates(loaded: LoadedModel, requests: Sequence[RankRequest],
+                     prefixes: Optional[Sequence[Sequence[int]]] = None) -> list[list[list[float]]]:
     """Per request, per candidate: the log-probs of the title's tokens as the assistant's answer.
 
     One forward runs all prefixes (left-padded, so every prefix ends at the same column and the next-token
     distribution is the last column); the candidates then run in forwards of up to MAX_CANDIDATE_ROWS rows on
     copies of their request's prefix KV cache (right-padded; positions continue from each prefix's true length).
+    `prefixes` are the requests' encode_prompt() ids where the caller has them already (templated once).
     """
     import torch
     from transformers import DynamicCache
 
     tok = loaded.tokenizer
     pad = tok.pad_token_id
-    prefixes = [encode(loaded, prompt_text(loaded, r.messages)) for r in requests]
+    if prefixes is None:
+        prefixes = [encode_prompt(loaded, r.messages) for r in requests]
+    elif len(prefixes) != len(requests):
+        raise ValueError(f"{len(prefixes)} prefixes for {len(requests)} requests")
     titles = [[encode(loaded, c) for c in r.candidates] for r in requests]
     n_req, width = len(requests), max(len(p) for p in prefixes)
     ids = torch.full((n_req, width), pad, dtype=torch.long)
@@ -268,7 +278,7 @@ def score_candidates(loaded: LoadedModel, requests: Sequence[RankRequest]) -> li
         first = loaded.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                              logits_to_keep=1)
         first_logp = torch.log_softmax(first.logits[:, -1, :].float(), dim=-1)  # (n_req, vocab)
-        kv = [(layer.keys, layer.values) for layer in first.past_key_values.layers]
+        kv = [(layer.keys, layer.values) for layer in first.cache.layers]
         del first
         rows = [(r, c) for r in range(n_req) for c in range(len(titles[r])) if titles[r][c]]
         per_chunk = max(1, min(MAX_CANDIDATE_ROWS, KV_TOKEN_BUDGET // width))
@@ -290,7 +300,7 @@ def score_candidates(loaded: LoadedModel, requests: Sequence[RankRequest]) -> li
             cache = DynamicCache(ddp_cache_data=[(k[idx], v[idx]) for k, v in kv])
             pos = lengths[idx, None] + torch.arange(steps)[None, :]
             logits = loaded.model(input_ids=cand, attention_mask=torch.cat([mask[idx], cmask], dim=1),
-                                  position_ids=pos, past_key_values=cache, use_cache=True).logits.float()
+                                  position_ids=pos, cache=cache, use_cache=True).logits.float()
             lse = torch.logsumexp(logits, dim=-1)  # (rows, steps)
             for j, (r, c) in enumerate(chunk):
                 nxt = titles[r][c][1:]
@@ -308,7 +318,7 @@ def score_naive(loaded: LoadedModel, request: RankRequest) -> list[list[float]]:
     """
     import torch
 
-    prefix = encode(loaded, prompt_text(loaded, request.messages))
+    prefix = encode_prompt(loaded, request.messages)
     out = []
     with torch.inference_mode():
         for title in request.candidates:
@@ -404,14 +414,14 @@ class LocalRanker(Ranker):
     def _rank_score(self, chunk: Sequence[RankRequest]) -> list[Ranking]:
         timer = timed()
         self.forward_calls += 1
-        token_lps = score_candidates(self.loaded, chunk)
+        prefixes = [encode_prompt(self.loaded, r.messages) for r in chunk]  # templated and tokenised once
+        token_lps = score_candidates(self.loaded, chunk, prefixes)
         each = timer.elapsed / len(chunk)
         out = []
-        for req, lps in zip(chunk, token_lps):
+        for prefix, lps in zip(prefixes, token_lps):
             scores = reduce_scores(lps, self.reduction)
-            prompt_tokens = len(encode(self.loaded, prompt_text(self.loaded, req.messages)))
             out.append(Ranking(order=order_from_scores(scores), scores=scores, coverage=1.0,
-                               prompt_tokens=prompt_tokens + sum(len(lp) for lp in lps), wall_s=each))
+                               prompt_tokens=len(prefix) + sum(len(lp) for lp in lps), wall_s=each))
         return out
 
     def _rank_generate(self, chunk: Sequence[RankRequest]) -> list[Ranking]:
