@@ -79,6 +79,8 @@ def test_benchmark_report_uses_the_shared_check():
         assert sanity["vs_random"] == shared and sanity["passes"] == shared.passes
         verdicts.append(sanity["passes"])
     assert sum(verdicts) >= 16, "the benchmark must pass a ranker that training's check passes"
+    chance = [_sanity_check(*_fake_benchmark(simulated_ranks(300, 0.0, seed)), cfg)["passes"] for seed in range(20)]
+    assert sum(chance) <= 1, "the benchmark must fail a chance-level ranker"
 
 
 def test_training_check_uses_the_shared_check(tmp_path, monkeypatch):
