@@ -158,3 +158,13 @@ def test_bad_agp_templates_are_refused(ml100k, ml100k_split):
         _setup(ml100k, ml100k_split, [], "agp.profile_prompt=Describe the user.")
     with pytest.raises(BenchmarkError, match="optimizer_instruction"):
         _setup(ml100k, ml100k_split, [], "agp.optimizer_instruction=Improve it.")
+
+
+def test_seed_methods_are_registered_and_load_nothing_until_used(ml100k, ml100k_split):
+    from rpp.benchmark import build_methods
+
+    ctx = BenchContext(cfg=load_config(), dataset=ml100k, fit_users=ml100k_split.val, train_interactions=None,
+                       ranker_factory=lambda: pytest.fail("a model was loaded while building the methods"))
+    rows = build_methods(ctx, ["papprec", "profile_fixed", "agp"])
+    assert [m.name for m in rows] == ["papprec_shared", "papprec_personal", "profile_fixed", "agp"]
+    assert rows[0].search is rows[1].search  # one shared-token search serves both PAP-REC rows

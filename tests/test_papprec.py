@@ -236,3 +236,28 @@ def test_papprec_refuses_a_ranker_without_gradients():
 
     with pytest.raises(BenchmarkError, match="llm.backend: local"):
         local_model(Remote())
+
+
+def test_a_methods_own_cost_reaches_the_tables():
+    """Requests a method scores itself (PAP-REC bypasses the metered ranker) count in the request columns, and the
+    cost section lists its passes and generations."""
+    from rpp.benchmark.report import Meter, MethodResult, cost_markdown, results_table
+
+    ranks = np.array([0, 3, 12, 1])
+    res = MethodResult(name="papprec_personal", family="policy", notes="", ranks=ranks,
+                       failed=np.zeros(4, bool), fit_usage=Meter(requests=5), infer_usage=Meter(), fit_s=1.0,
+                       rank_s=8.0, cost={"train_requests": 60, "infer_requests": 20, "train_users": 12,
+                                         "forward_passes": 90, "backward_passes": 30, "infer_forward_passes": 40,
+                                         "infer_backward_passes": 12, "train_tokens": 6000, "infer_tokens": 2000})
+    plain = MethodResult(name="taskwise", family="taskwise", notes="", ranks=ranks, failed=np.zeros(4, bool),
+                         fit_usage=Meter(requests=5), infer_usage=Meter(requests=4), fit_s=1.0, rank_s=2.0)
+    table = results_table([res, plain], "taskwise", n_boot=100, seed=0, n_fit_users=5).set_index("method")
+    assert table.loc["papprec_personal", "train_requests"] == 65
+    assert table.loc["papprec_personal", "infer_requests_per_user"] == 5.0
+    assert table.loc["papprec_personal", "infer_tokens_per_user"] == 500.0
+    assert table.loc["papprec_personal", "cost_backward_passes"] == 30 and np.isnan(table.loc["taskwise",
+                                                                                              "cost_forward_passes"])
+    lines = cost_markdown([res, plain])
+    row = next(line for line in lines if line.startswith("| papprec_personal"))
+    assert "| 65 (65 + 0) | 12 | 5.00 (5.00 + 0.00) | 90 (10.0/user) | 30 (3.0/user) |" in row
+    assert not any(line.startswith("| taskwise") for line in lines)

@@ -62,6 +62,7 @@ _MARKER = "\u0000rpp-trigger-slot\u0000"
 def local_model(ranker) -> object:
     """The LoadedModel behind the benchmark's ranker (through its metering and cache wrappers), or a clear error:
     the search needs gradients through the very model that scores the prompt, so only the local backend works."""
+    from rpp.llm.base import BootstrapRanker
     from rpp.llm.local import LocalRanker
 
     seen = ranker
@@ -73,7 +74,7 @@ def local_model(ranker) -> object:
                 raise BenchmarkError("papprec's loss and scores are summed title log-probs: set "
                                      "llm.score_reduction: sum")
             return seen.loaded
-        if type(seen).__name__ == "BootstrapRanker":
+        if isinstance(seen, BootstrapRanker):
             raise BenchmarkError("papprec does not support llm.bootstrap > 1 (set llm.bootstrap: 1)")
         seen = getattr(seen, "inner", None)
     raise BenchmarkError("papprec needs gradients through the ranker's model: it works with llm.backend: local "
