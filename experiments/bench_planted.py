@@ -99,14 +99,25 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config overrides for every run (after the variant's)")
     parser.add_argument("--out", default="experiments/results/planted.md")
+    parser.add_argument("--merge", nargs="+", metavar="JSONL",
+                        help="write the report from rows saved by earlier runs (their .jsonl files) instead of "
+                             "running anything; the rows are copied into OUT's own .jsonl")
     args = parser.parse_args()
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     log = out.with_suffix(".jsonl")
-    log.write_text("")
     rows = []
-    for variant in args.variants:
+    if args.merge:
+        for path in args.merge:
+            rows += [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        order = list(VARIANTS)
+        rows.sort(key=lambda r: (order.index(r["variant"]), r["groups"], r["seed"]))
+        log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        args.variants = [v for v in order if any(r["variant"] == v for r in rows)]
+    else:
+        log.write_text("")
+    for variant in args.variants if not args.merge else []:
         for groups in args.groups:
             for seed in args.seeds:
                 row = run(variant, groups, seed, args.config, args.overrides)
@@ -121,8 +132,9 @@ def main() -> None:
     text = [
         "# The planted-interaction check of the learner",
         "",
-        f"Command: `python experiments/bench_planted.py --config {args.config}"
-        + "".join(f" --set {o}" for o in args.overrides) + "`",
+        "Command: `python experiments/bench_planted.py --config " + args.config
+        + "".join(f" --set {o}" for o in args.overrides)
+        + (" --merge " + " ".join(args.merge) if args.merge else "") + "`",
         "",
         f"Budget: {rows[0]['budget']} environment steps (the config's), T = {rows[0]['steps_per_episode']}; "
         f"evaluated greedily on {rows[0]['n_users']} held-out test users. Rule (rpp.config.PlantedConfig): agents "

@@ -2,7 +2,7 @@
 
     policy = PromptPolicy.load("runs/demo")
     prompt = policy.personalize(["Toy Story (1995)", "Heat (1995)"], candidates=["Fargo (1996)", ...])
-    prompt.messages  # chat messages for your LLM
+    prompt.rendered_messages  # chat messages for your LLM (the candidate list written out where shown)
 
 One-shot means one observation per user, the one the environment gives at the start of an episode (built by the
 environment's own functions): the state text of the task-wise prompt for this history (embedded by the same

@@ -445,7 +445,7 @@ def make_core(cfg: Config, split: str, ranker: Ranker | None = None, encoder: St
     if refiner is None and cfg.refiner.enabled:
         from rpp.prompts.refiner import make_refiner
 
-        refiner = make_refiner(cfg)
+        refiner = make_refiner(cfg, dataset=dataset)
     return StepCore(dataset, samples, builder, encoder, ranker, env_cfg=cfg.env, encoder_cfg=cfg.encoder,
                     seed=cfg.seed, refiner=refiner)
 
