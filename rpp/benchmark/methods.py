@@ -22,7 +22,7 @@ import pandas as pd
 from rpp.config import Config
 from rpp.data import Dataset, UserSample
 from rpp.data.split import user_seed
-from rpp.llm.base import Ranker, Ranking, RankRequest
+from rpp.llm.base import Ranker, Ranking
 from rpp.metrics import ndcg_at_k, target_rank
 from rpp.prompts.actions import PATTERNS
 

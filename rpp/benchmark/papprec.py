@@ -44,7 +44,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from rpp.benchmark.methods import BenchContext, BenchmarkError, Method
-from rpp.data import UserSample, sample_candidates
+from rpp.data import UserSample
 from rpp.llm.base import Ranking
 from rpp.llm.parsing import order_from_scores
 from rpp.metrics import hit_at_k, ndcg_at_k, target_rank
@@ -162,7 +162,7 @@ class SuffixScorer:
         with torch.inference_mode():
             out = self.model(input_ids=torch.tensor([sample.before]), use_cache=True, logits_to_keep=1)
         self.counters.forward += 1
-        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        kv = [(layer.keys, layer.values) for layer in out.cache.layers]
         if self.kv_cache_samples > 0:
             self._kv[key] = kv
             while len(self._kv) > self.kv_cache_samples:
@@ -191,11 +191,11 @@ class SuffixScorer:
             rows = torch.zeros(n_var, dtype=torch.long)
             cache = DynamicCache(ddp_cache_data=[(k[rows], v[rows]) for k, v in kv])
             pos = torch.arange(n_before, width)[None, :].expand(n_var, -1)
-            res = self.model(input_ids=torch.tensor(tail), past_key_values=cache, position_ids=pos, use_cache=True,
+            res = self.model(input_ids=torch.tensor(tail), cache=cache, position_ids=pos, use_cache=True,
                              logits_to_keep=1)
             self.counters.forward += 1
             first = torch.log_softmax(res.logits[:, -1, :].float(), dim=-1)
-            kv2 = [(layer.keys, layer.values) for layer in res.past_key_values.layers]
+            kv2 = [(layer.keys, layer.values) for layer in res.cache.layers]
             del res, cache
             pairs = [(v, c) for v in range(n_var) for c in range(len(sample.titles)) if sample.titles[c]]
             for v, c in pairs:
@@ -217,7 +217,7 @@ class SuffixScorer:
                 cache = DynamicCache(ddp_cache_data=[(k[idx], v[idx]) for k, v in kv2])
                 mask = torch.cat([torch.ones((len(chunk), width), dtype=torch.long), cmask], dim=1)
                 cpos = width + torch.arange(steps)[None, :].expand(len(chunk), -1)
-                logits = self.model(input_ids=cand, attention_mask=mask, position_ids=cpos, past_key_values=cache,
+                logits = self.model(input_ids=cand, attention_mask=mask, position_ids=cpos, cache=cache,
                                     use_cache=True).logits.float()
                 self.counters.forward += 1
                 lse = torch.logsumexp(logits, dim=-1)
@@ -251,7 +251,7 @@ class SuffixScorer:
             inputs = torch.cat([slots, base[:, n_slots:]], dim=1)
             cache = DynamicCache(ddp_cache_data=[(k.detach().clone(), v.detach().clone()) for k, v in kv])
             pos = torch.arange(n_before, n_before + len(seq))[None, :]
-            logits = self.model(inputs_embeds=inputs, past_key_values=cache, position_ids=pos, use_cache=True).logits
+            logits = self.model(inputs_embeds=inputs, cache=cache, position_ids=pos, use_cache=True).logits
             start = n_slots + len(sample.after) - 1  # the column that predicts the title's first token
             logp = torch.log_softmax(logits[0, start:start + len(title)].float(), dim=-1)
             nll = -logp[torch.arange(len(title)), torch.tensor(title)].sum()
@@ -302,7 +302,6 @@ class PapRecSearch:
         self.fit_s = 0.0
         self.fit_counters = Counters()
         self._mask: Optional[np.ndarray] = None
-        self._negatives = None
 
     # -- plumbing
     @property
@@ -319,30 +318,18 @@ class PapRecSearch:
             self.shared = [self.init_token] * self.cfg.n_shared
         return self._scorer
 
-    def _negative_pool(self):
-        if self._negatives is None:
-            d = self.ctx.cfg.data
-            item_ids = np.sort(self.ctx.dataset.items["item"].to_numpy())
-            popularity = None
-            if d.negatives == "popularity":
-                counts = self.ctx.train_interactions["item"].value_counts()
-                popularity = np.array([counts.get(i, 0) for i in item_ids], dtype=np.float64)
-            self._negatives = (item_ids, popularity)
-        return self._negatives
-
     def _sample(self, user: UserSample, n_history: int, target_item=None) -> Sample:
-        """The prompt for `user` seeing only history[:n_history]; with `target_item`, also the candidates of that
-        held-out history item (it + seeded negatives the user never interacted with in the history)."""
+        """The prompt for `user` seeing only history[:n_history]; with `target_item` (history item n_history),
+        also the candidates of that held-out history item (BenchContext.history_holdout: it + seeded negatives
+        the user never interacted with in the history)."""
         from rpp.prompts import UserContext
 
         loaded = self.scorer.loaded
         if target_item is not None:
-            item_ids, popularity = self._negative_pool()
-            cands, slot = sample_candidates((user.user, "papprec", n_history), set(user.history), target_item,
-                                            item_ids, popularity, self.ctx.cfg.data.n_candidates, self.ctx.seed)
-            sample = UserSample(user=user.user, history=tuple(user.history[:n_history]),
-                                history_ratings=tuple(user.history_ratings[:n_history]), target=target_item,
-                                candidates=cands, target_index=slot)
+            sample = self.ctx.history_holdout(user, n_history, tag="papprec")
+            if sample.target != target_item:
+                raise BenchmarkError(f"papprec: history item {n_history} of user {user.user!r} is not the target")
+            slot = sample.target_index
         else:
             sample, slot = user, None
         uctx = UserContext.from_sample(sample, self.ctx.dataset)
