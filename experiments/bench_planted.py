@@ -68,25 +68,46 @@ def run(variant: str, groups: int, seed: int, base_path: str, extra: list[str]) 
     return result
 
 
+def references(row: dict, base_path: str, extra: list[str]) -> dict:
+    """The bandit references (rpp.agents.planted.bandit_reference) of a recorded row's rule, seed and budget."""
+    from rpp.agents.planted import bandit_reference
+    from rpp.llm import make_ranker
+
+    cfg = planted_config(load_config(base_path, VARIANTS[row["variant"]][1] + extra), row["groups"], row["seed"],
+                         tempfile.mkdtemp(prefix="rpp-planted-"))
+    ranker = make_ranker(cfg)
+    feature = bandit_reference(cfg, ranker, "feature")
+    return {"bandit_told_group": bandit_reference(cfg, ranker, "group")["optimal_share"],
+            "bandit_told_feature": feature["optimal_share"] if feature else None}
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| variant | groups | seed | users optimal | NDCG / oracle | policy NDCG | oracle | best fixed | "
-             "task-wise | distinct prompts | group ceiling | pass |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | groups | seed | users optimal | by group | NDCG / oracle | policy NDCG | oracle | best fixed | "
+             "task-wise | distinct prompts | group ceiling | bandit told group | bandit told genre | pass |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['groups']} | {r['seed']} | {r['optimal_share']:.3f} | "
+        by_group = " / ".join(f"{x:.2f}" for x in r["optimal_share_by_group"])
+        told_genre = "-" if r.get("bandit_told_feature") is None else f"{r['bandit_told_feature']:.3f}"
+        lines.append(f"| {r['variant']} | {r['groups']} | {r['seed']} | {r['optimal_share']:.3f} | {by_group} | "
                      f"{r['ndcg_vs_oracle']:.3f} | {r['policy_ndcg']:.3f} | {r['oracle_ndcg']:.3f} | "
                      f"{r['best_fixed_ndcg']:.3f} | {r['taskwise_ndcg']:.3f} | {r['distinct_prompts']} | "
-                     f"{r['group_ceiling']:.3f} | {'yes' if r['passed'] else 'no'} |")
+                     f"{r['group_ceiling']:.3f} | {r['bandit_told_group']:.3f} | {told_genre} | "
+                     f"{'yes' if r['passed'] else 'no'} |")
     return "\n".join(lines)
 
 
 def summary(rows: list[dict]) -> str:
-    lines = ["| variant | groups | seeds passed | mean users optimal | mean NDCG / oracle |", "|---|---|---|---|---|"]
+    lines = ["| variant | groups | seeds passed | mean users optimal | mean NDCG / oracle | bandit told group | "
+             "bandit told genre |", "|---|---|---|---|---|---|---|"]
     keys = sorted({(r["variant"], r["groups"]) for r in rows}, key=lambda k: (list(VARIANTS).index(k[0]), k[1]))
     for v, g in keys:
         sel = [r for r in rows if r["variant"] == v and r["groups"] == g]
+        genre = [r["bandit_told_feature"] for r in sel if r.get("bandit_told_feature") is not None]
         lines.append(f"| {v} | {g} | {sum(r['passed'] for r in sel)} / {len(sel)} | "
                      f"{np.mean([r['optimal_share'] for r in sel]):.3f} | "
-                     f"{np.mean([r['ndcg_vs_oracle'] for r in sel]):.3f} |")
+                     f"{np.mean([r['ndcg_vs_oracle'] for r in sel]):.3f} | "
+                     f"{np.mean([r['bandit_told_group'] for r in sel]):.3f} | "
+                     f"{np.mean(genre):.3f} |" if genre else "- |")
     return "\n".join(lines)
 
 
@@ -112,6 +133,9 @@ def main() -> None:
         for path in args.merge:
             rows += [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
         order = list(VARIANTS)
+        for r in rows:  # rows recorded before the bandit references existed: they depend on the rule, seed and budget only
+            if "bandit_told_group" not in r:
+                r.update(references(r, args.config, args.overrides))
         rows.sort(key=lambda r: (order.index(r["variant"]), r["groups"], r["seed"]))
         log.write_text("".join(json.dumps(r) + "\n" for r in rows))
         args.variants = [v for v in order if any(r["variant"] == v for r in rows)]
@@ -145,7 +169,9 @@ def main() -> None:
         "the same users (an upper bound for any one-prompt-for-all method). 'group ceiling': accuracy on the test "
         "users of a softmax regression trained on the training users' observation rows WITH their true group "
         "labels (rpp.agents.planted.feature_ceiling): what the observation allows at best; the learner never "
-        "sees the labels.",
+        "sees the labels. 'bandit told group' / 'bandit told genre': with the same budget and reward, a Thompson-"
+        "sampling learner per agent that is TOLD each user's group, or only the dominant genre that defines the "
+        "groups (rpp.agents.planted.bandit_reference): whether the budget holds the evidence at all.",
         "",
         "Variants (each adds to the one above):",
         "",

@@ -155,3 +155,26 @@ def test_the_learner_personalizes_a_planted_rule(tmp_path, one_thread):
     assert result["distinct_prompts"] >= 2
     assert min(result["optimal_share_by_group"]) >= 0.75, result
     assert result["optimal_share"] >= 0.85 and result["policy_ndcg"] > result["best_fixed_ndcg"], result
+
+
+def test_bandit_told_the_groups_finds_them_with_enough_budget_only():
+    """bandit_reference, the check of the budget itself: a learner TOLD each user's group finds every group's best
+    actions with a real budget, and not with a handful of steps (so the score is earned, not given); both are
+    scored on the evaluation users like the policy."""
+    from rpp.agents.planted import bandit_reference
+
+    cfg = planted_cfg("train.total_steps=400", "env.steps_per_episode=2", "llm.planted.groups=2", "seed=0")
+    ranker = make_ranker(cfg)
+    assert bandit_reference(cfg, ranker, "group")["optimal_share"] == 1.0
+    starved = cfg.model_copy(deep=True)
+    starved.train.total_steps = 4
+    assert bandit_reference(starved, ranker, "group")["optimal_share"] < 0.9
+    feature = bandit_reference(cfg, ranker, "feature")
+    assert feature["told"] == "feature" and 0.0 <= feature["optimal_share"] <= 1.0
+
+
+def test_bandit_told_the_feature_only_exists_for_the_genre_rule():
+    from rpp.agents.planted import bandit_reference
+
+    cfg = planted_cfg("llm.planted.feature=history_length", "train.total_steps=40")
+    assert bandit_reference(cfg, make_ranker(cfg), "feature") is None
