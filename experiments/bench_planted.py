@@ -69,16 +69,13 @@ def run(variant: str, groups: int, seed: int, base_path: str, extra: list[str]) 
 
 
 def references(row: dict, base_path: str, extra: list[str]) -> dict:
-    """The bandit references (rpp.agents.planted.bandit_reference) of a recorded row's rule, seed and budget."""
-    from rpp.agents.planted import bandit_reference
+    """The bandit references (rpp.agents.planted.bandit_references) of a recorded row's rule, seed and budget."""
+    from rpp.agents.planted import bandit_references
     from rpp.llm import make_ranker
 
     cfg = planted_config(load_config(base_path, VARIANTS[row["variant"]][1] + extra), row["groups"], row["seed"],
                          tempfile.mkdtemp(prefix="rpp-planted-"))
-    ranker = make_ranker(cfg)
-    feature = bandit_reference(cfg, ranker, "feature")
-    return {"bandit_told_group": bandit_reference(cfg, ranker, "group")["optimal_share"],
-            "bandit_told_feature": feature["optimal_share"] if feature else None}
+    return bandit_references(cfg, make_ranker(cfg))
 
 
 def table(rows: list[dict]) -> str:
@@ -103,11 +100,11 @@ def summary(rows: list[dict]) -> str:
     for v, g in keys:
         sel = [r for r in rows if r["variant"] == v and r["groups"] == g]
         genre = [r["bandit_told_feature"] for r in sel if r.get("bandit_told_feature") is not None]
+        told_genre = f"{np.mean(genre):.3f}" if genre else "-"
         lines.append(f"| {v} | {g} | {sum(r['passed'] for r in sel)} / {len(sel)} | "
                      f"{np.mean([r['optimal_share'] for r in sel]):.3f} | "
                      f"{np.mean([r['ndcg_vs_oracle'] for r in sel]):.3f} | "
-                     f"{np.mean([r['bandit_told_group'] for r in sel]):.3f} | "
-                     f"{np.mean(genre):.3f} |" if genre else "- |")
+                     f"{np.mean([r['bandit_told_group'] for r in sel]):.3f} | {told_genre} |")
     return "\n".join(lines)
 
 
@@ -171,7 +168,7 @@ def main() -> None:
         "labels (rpp.agents.planted.feature_ceiling): what the observation allows at best; the learner never "
         "sees the labels. 'bandit told group' / 'bandit told genre': with the same budget and reward, a Thompson-"
         "sampling learner per agent that is TOLD each user's group, or only the dominant genre that defines the "
-        "groups (rpp.agents.planted.bandit_reference): whether the budget holds the evidence at all.",
+        "groups (rpp.agents.planted.bandit_references): whether the budget holds the evidence at all.",
         "",
         "Variants (each adds to the one above):",
         "",

@@ -36,6 +36,9 @@ class GroupTrace(BaseCallback):
         return True
 
     def _on_rollout_start(self) -> None:  # the policy after the previous rollout's update
+        self.record()
+
+    def record(self) -> None:
         from rpp.prompts import PATTERNS
 
         probs = self.model.policy.agent_probs(self.obs)
@@ -73,7 +76,7 @@ def main() -> None:
     best = {p: [ids[p].index(ranker.best[g][p]) for g in range(args.groups)] for p in ids}
     trace = GroupTrace(obs, groups, best, list(ids))
     train(cfg, callbacks=[trace], progress=True, ranker=ranker)
-    trace._on_rollout_start()  # the final policy
+    trace.record()  # the final policy
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -158,23 +158,31 @@ def test_the_learner_personalizes_a_planted_rule(tmp_path, one_thread):
 
 
 def test_bandit_told_the_groups_finds_them_with_enough_budget_only():
-    """bandit_reference, the check of the budget itself: a learner TOLD each user's group finds every group's best
-    actions with a real budget, and not with a handful of steps (so the score is earned, not given); both are
-    scored on the evaluation users like the policy."""
-    from rpp.agents.planted import bandit_reference
+    """bandit_references, the check of the budget itself: a learner TOLD each user's group finds every group's best
+    actions with a real budget, and not with a handful of steps (so the score is earned, not given); the one told
+    the dominant genre finds them too, except for users whose genre no training user had; both are scored on the
+    evaluation users like the policy."""
+    from rpp.agents.planted import bandit_references
+    from rpp.data import load_dataset, split_users
+    from rpp.envs.features import dominant_genre
 
     cfg = planted_cfg("train.total_steps=400", "env.steps_per_episode=2", "llm.planted.groups=2", "seed=0")
     ranker = make_ranker(cfg)
-    assert bandit_reference(cfg, ranker, "group")["optimal_share"] == 1.0
+    told = bandit_references(cfg, ranker)
+    assert told["bandit_told_group"] == 1.0
     starved = cfg.model_copy(deep=True)
     starved.train.total_steps = 4
-    assert bandit_reference(starved, ranker, "group")["optimal_share"] < 0.9
-    feature = bandit_reference(cfg, ranker, "feature")
-    assert feature["told"] == "feature" and 0.0 <= feature["optimal_share"] <= 1.0
+    assert bandit_references(starved, ranker)["bandit_told_group"] < 0.9
+    dataset = load_dataset(cfg.data)
+    split = split_users(dataset, cfg.data, cfg.seed)
+    genre = {s.user: dominant_genre(dataset.genres(i) for i in s.history) for s in split.train + split.test}
+    seen = np.mean([genre[s.user] in {genre[t.user] for t in split.train} for s in split.test])
+    assert 0.9 * seen <= told["bandit_told_feature"] <= seen
 
 
 def test_bandit_told_the_feature_only_exists_for_the_genre_rule():
-    from rpp.agents.planted import bandit_reference
+    from rpp.agents.planted import bandit_references
 
     cfg = planted_cfg("llm.planted.feature=history_length", "train.total_steps=40")
-    assert bandit_reference(cfg, make_ranker(cfg), "feature") is None
+    told = bandit_references(cfg, make_ranker(cfg))
+    assert told["bandit_told_feature"] is None and 0.0 <= told["bandit_told_group"] <= 1.0

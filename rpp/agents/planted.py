@@ -16,7 +16,6 @@ import math
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -45,11 +44,8 @@ def planted_check(cfg: Config, progress: bool = False) -> dict:
     samples = core.samples[:cfg.eval.n_users] if cfg.eval.n_users else core.samples
     records = run_policy(model.policy, core, samples, steps=cfg.eval.steps, batch_size=cfg.env.n_envs)
     ceiling = feature_ceiling(cfg, ranker, core.encoder)
-    told_group, told_feature = bandit_reference(cfg, ranker, "group"), bandit_reference(cfg, ranker, "feature")
-    return summarize_planted(ranker, core, records) | {
-        "group_ceiling": ceiling["eval_accuracy"], "bandit_told_group": told_group["optimal_share"],
-        "bandit_told_feature": told_feature["optimal_share"] if told_feature else None,
-        "train_s": round(train_s, 1), "run_dir": str(run_dir),
+    return summarize_planted(ranker, core, records) | bandit_references(cfg, ranker) | {
+        "group_ceiling": ceiling["eval_accuracy"], "train_s": round(train_s, 1), "run_dir": str(run_dir),
     }
 
 
@@ -87,38 +83,45 @@ def feature_ceiling(cfg: Config, ranker, encoder=None, l2: float = 1e-2) -> dict
     return {"train_accuracy": acc["train"], "eval_accuracy": acc[cfg.eval.split]}
 
 
-def bandit_reference(cfg: Config, ranker, told: str = "group", prior_sd: float = 0.3) -> Optional[dict]:
-    """Is the budget enough at all? A learner that is TOLD what the agents must find out: each user's group
-    (told="group") or the value of the feature that defines the groups (told="feature": the dominant genre; None
-    for other rules). Per told value and per agent (all four; it does not know which ones matter), Gaussian
-    Thompson sampling over the agent's actions, fed the environment's reward (NDCG@reward_k minus the task-wise
-    NDCG) for the run's number of environment steps, the training users served in the environment's seeded order,
-    T steps each. Its final choice (each agent's best mean for the user's told value) is scored on the evaluation
-    users like the policy; a value never seen in training counts as a miss. When it finds the groups and the policy
-    does not, the budget held the evidence and the policy did not use it."""
+def bandit_references(cfg: Config, ranker, prior_sd: float = 0.3) -> dict:
+    """Is the budget enough at all? Learners that are TOLD what the agents must find out: each user's group
+    ("bandit_told_group") or the value of the feature that defines the groups ("bandit_told_feature": the dominant
+    genre; None for other rules). Per told value and per agent (all four; they do not know which ones matter),
+    Gaussian Thompson sampling over the agent's actions, fed the environment's reward (NDCG@reward_k minus the
+    task-wise NDCG) for the run's number of environment steps, the training users served in the environment's
+    seeded order, T steps each. The final choice (each agent's best mean for the user's told value) is scored on
+    the evaluation users like the policy (share of users with their group's best actions); a value never seen in
+    training counts as a miss. When they find the groups and the policy does not, the budget held the evidence and
+    the policy did not use it."""
     from rpp.data import load_dataset, split_users
-    from rpp.envs.core import UserStream
     from rpp.envs.features import dominant_genre
-    from rpp.prompts import PromptBuilder, load_action_set
 
-    if told == "feature" and ranker.rule.feature != "genre":
-        return None
     dataset = load_dataset(cfg.data)
     split = split_users(dataset, cfg.data, cfg.seed)
-    if told == "group":
-        def key(sample):
-            return ranker.group[sample.user]
-    else:
-        def key(sample):
-            return dominant_genre(dataset.genres(item) for item in sample.history)
-    action_set = load_action_set(cfg.prompt.action_spaces)
-    taskwise = {p: a.id for p, a in PromptBuilder(action_set, cfg.prompt, cfg.data.item_noun).taskwise().items()}
-    ids = {p: [a.id for a in action_set.actions[p]] for p in PATTERNS}
+    users = getattr(split, cfg.eval.split)
+    users = users[:cfg.eval.n_users] if cfg.eval.n_users else users
+    keys = {"bandit_told_group": lambda s: ranker.group[s.user]}
+    if ranker.rule.feature == "genre":
+        keys["bandit_told_feature"] = lambda s: dominant_genre(dataset.genres(item) for item in s.history)
+    out = {"bandit_told_group": None, "bandit_told_feature": None}
+    for name, key in keys.items():
+        out[name] = _told_bandit(cfg, ranker, split.train, users, key, prior_sd)
+    return out
+
+
+def _told_bandit(cfg: Config, ranker, train_users, eval_users, key, prior_sd: float) -> float:
+    """One learner of bandit_references, told key(sample); returns its share of optimal evaluation users."""
+    from rpp.envs.core import UserStream
+    from rpp.prompts import PromptBuilder
+
+    builder = PromptBuilder(ranker.action_set, cfg.prompt, cfg.data.item_noun)
+    taskwise = {p: a.id for p, a in builder.taskwise().items()}
+    ids = {p: [a.id for a in ranker.action_set.actions[p]] for p in PATTERNS}
     rng = np.random.default_rng([cfg.seed, 0xBA4D])
     sums: dict = {}
     counts: dict = {}
     k, t = cfg.env.reward_k, cfg.env.steps_per_episode
-    for sample in UserStream(split.train, cfg.seed).take(math.ceil(cfg.train.total_steps / t)):
+    for sample in UserStream(train_users, cfg.seed).take(math.ceil(cfg.train.total_steps / t)):
         value = key(sample)
         for p in PATTERNS:
             sums.setdefault((value, p), np.zeros(len(ids[p])))
@@ -139,13 +142,11 @@ def bandit_reference(cfg: Config, ranker, told: str = "group", prior_sd: float =
         n = counts[value, p]
         return ids[p][int(np.argmax(np.divide(sums[value, p], n, out=np.full_like(n, -np.inf), where=n > 0)))]
 
-    users = getattr(split, cfg.eval.split)
-    users = users[:cfg.eval.n_users] if cfg.eval.n_users else users
     hits = []
-    for s in users:
+    for s in eval_users:
         value, optimal = key(s), ranker.optimal_actions(s.user)
         hits.append(all((value, p) in counts and best(value, p) == optimal[p] for p in ranker.rule.agents))
-    return {"optimal_share": float(np.mean(hits)), "told": told}
+    return float(np.mean(hits))
 
 
 def summarize_planted(ranker, core, records: list[dict], k: int = 10) -> dict:
