@@ -170,6 +170,23 @@ class EnvConfig(_Section):
     generalize (experiments/results/planted.md, variant history_row)."""
 
 
+class EvidenceConfig(_Section):
+    """Evidence pooling beside PPO (rpp.agents.evidence): per agent and action, a Bayesian linear model of the step
+    reward on the user-feature row, fit on every sample of the run; after each PPO update the actors are pulled
+    toward its Thompson-sampling choice probabilities for the rollout's users. PPO only; coef 0 turns it off."""
+
+    coef: float = Field(0.0, ge=0)
+    """Weight of the cross-entropy toward the evidence's choice probabilities (0: plain PPO)."""
+    epochs: int = Field(10, ge=1)
+    """Gradient steps of that loss after each PPO update."""
+    prior_sd: float = Field(0.1, gt=0)
+    """Prior standard deviation of each weight (features are in [-1, 1]; rewards are NDCG differences)."""
+    noise_sd: float = Field(0.15, gt=0)
+    """Assumed standard deviation of a step reward around the model (the other agents' choices included)."""
+    draws: int = Field(64, ge=1)
+    """Posterior draws per observation for the choice probabilities."""
+
+
 class TrainConfig(_Section):
     algo: Literal["ppo", "a2c"] = "ppo"
     total_steps: int = Field(1024, ge=1)
@@ -196,6 +213,8 @@ class TrainConfig(_Section):
     check_users: int = Field(50, ge=0)
     """Validation users for the pre-training ranker check (ranker vs random vs popularity); 0 skips it."""
     device: str = "cpu"
+    evidence: EvidenceConfig = Field(default_factory=EvidenceConfig)
+    """Pool every reward of the run beside PPO's on-policy update (see EvidenceConfig)."""
 
 
 class EvalConfig(_Section):
@@ -423,6 +442,9 @@ class Config(_Section):
                 "shuffle would give the same scores at B times the cost): set prompt.show_candidates=true or "
                 "llm.bootstrap=1"
             )
+        if self.train.evidence.coef > 0 and self.train.algo != "ppo":
+            raise ValueError(f"train.evidence (coef {self.train.evidence.coef}) extends PPO; train.algo is "
+                             f"{self.train.algo!r}: set train.algo=ppo or train.evidence.coef=0")
         return self
 
     @property

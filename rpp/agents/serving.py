@@ -26,9 +26,9 @@ from rpp.config import Config
 
 def load_algorithm(cfg: Config, checkpoint: Path, env=None):
     """The SB3 algorithm saved in a checkpoint (policy ready for predict), on cfg.train.device."""
-    from rpp.agents.train import ALGORITHMS
+    from rpp.agents.train import algorithm_class
 
-    return ALGORITHMS[cfg.train.algo].load(checkpoint / "model.zip", env=env, device=cfg.train.device)
+    return algorithm_class(cfg).load(checkpoint / "model.zip", env=env, device=cfg.train.device)
 
 
 class PromptPolicy:

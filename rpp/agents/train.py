@@ -32,11 +32,19 @@ from rpp.agents.checkpoints import (
     atomic_write_text, check_resume_config, latest_checkpoint, load_run_config, load_state, read_jsonl,
     set_rng_states, write_json,
 )
+from rpp.agents.evidence import EvidencePPO
 from rpp.agents.policy import PATTERNS, FourAgentPolicy
 from rpp.config import Config
 from rpp.envs.core import context_rows
 
 ALGORITHMS = {"ppo": PPO, "a2c": A2C}
+
+
+def algorithm_class(cfg: Config):
+    """The SB3 class a run trains and loads with: PPO, A2C, or PPO with evidence pooling (train.evidence)."""
+    if cfg.train.algo == "ppo" and cfg.train.evidence.coef > 0:
+        return EvidencePPO
+    return ALGORITHMS[cfg.train.algo]
 
 
 def algorithm_kwargs(cfg: Config, n_envs: int) -> dict:
@@ -51,6 +59,10 @@ def algorithm_kwargs(cfg: Config, n_envs: int) -> dict:
         # a minibatch larger than the rollout would just be the rollout; SB3 warns on a ragged last minibatch
         kwargs.update(batch_size=min(t.batch_size, n_envs * cfg.rollout_steps), n_epochs=t.n_epochs,
                       clip_range=t.clip_range)
+    if algorithm_class(cfg) is EvidencePPO:
+        e = t.evidence
+        kwargs.update(evidence_coef=e.coef, evidence_epochs=e.epochs, evidence_prior_sd=e.prior_sd,
+                      evidence_noise_sd=e.noise_sd, evidence_draws=e.draws)
     return kwargs
 
 
@@ -135,7 +147,7 @@ def train(cfg: Optional[Config], resume: str | Path | None = None,
         total_timesteps = n_rollouts * steps_per_rollout
 
         # ---- 6. algorithm: new, or restored exactly from the last checkpoint ----------------------------------
-        algo_cls = ALGORITHMS[cfg.train.algo]
+        algo_cls = algorithm_class(cfg)
         usage_before, resumed_at = None, -1
         if checkpoint is None:
             model = algo_cls(FourAgentPolicy, env, **algorithm_kwargs(cfg, n_envs))
@@ -152,7 +164,8 @@ def train(cfg: Optional[Config], resume: str | Path | None = None,
                                  refiner=env.core.refiner)
         checkpoints = ResumableCheckpoint(
             run_dir, steps_per_rollout, cfg.train.checkpoint_every, resumed_at=resumed_at,
-            extra_state=lambda: {"env": env.get_state(), "usage": metrics.usage_total().to_dict()})
+            extra_state=lambda: {"env": env.get_state(), "usage": metrics.usage_total().to_dict(),
+                                 **({"evidence": model.evidence_state()} if isinstance(model, EvidencePPO) else {})})
         ours = [metrics, checkpoints]
         if cfg.train.ent_coef_final is not None:
             schedule = EntropySchedule(cfg.train.ent_coef, cfg.train.ent_coef_final, total_timesteps)
@@ -198,6 +211,8 @@ def _restore(algo_cls, checkpoint: Path, env, cfg: Config):
                            "the data, split or encoder changed since the checkpoint")
     model._last_obs = obs
     model._last_episode_starts = np.ones((env.num_envs,), dtype=bool)
+    if isinstance(model, EvidencePPO):
+        model.load_evidence_state(state["evidence"])
     # last, so that nothing above (policy construction, env reset) consumes the restored random streams
     set_rng_states(state["rng"])
     return model, state

@@ -1,0 +1,166 @@
+"""Evidence pooling beside PPO (train.evidence): every reward the agents have ever earned, not only the last rollout's.
+
+Why: PPO is on-policy. Each sample feeds one clipped update and is thrown away, so evidence about a small group of
+users (a few samples per rollout) never accumulates; on the planted check the PPO agents served the majority group
+and missed most small ones, while a Thompson-sampling learner TOLD the groups, with the same samples, found all of
+them (experiments/results/planted.md). The fix keeps the four agents, their encoders and PPO, and adds beside them
+what the bandit had: a memory of all evidence.
+
+- ``EvidenceModel``: per agent and action, a Bayesian linear regression of the step reward on the user's feature
+  row (observation row 1: genre shares, dominant genre, history length, ratings, step; rpp.envs.features), fit on
+  every (user row, action, reward) of the run so far. Other agents' choices are noise to it, as they are to each
+  agent in the reward. ``choice_probs`` draws weights from the posteriors (Thompson sampling) and returns, for each
+  observation and agent, the share of draws in which each action scores best: the probability that the action is
+  the user's best one, given the evidence. Unseen actions keep the prior's spread, so they keep being tried.
+- ``EvidencePPO``: SB3's PPO; after its own update on a rollout (unchanged), the rollout's rewards join the model and
+  the actors take `epochs` extra gradient steps of coef * cross-entropy(choice_probs, pi_agent) on the rollout's
+  observations, so each agent's policy matches the pooled evidence for these users (probability matching: broad
+  while the evidence is thin, sharp once it is not). The critic is untouched.
+
+The reward pooled is each step's own reward (NDCG minus the task-wise baseline), the contextual-bandit view that
+gamma 0 takes. The samples are part of the checkpoint, so a resumed run continues with the same evidence.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch as th
+from stable_baselines3 import PPO
+
+
+class EvidenceModel:
+    """Bayesian linear reward models, one per (agent, action), over a feature row of width `dim` plus an intercept.
+
+    Prior: weights ~ N(0, prior_sd^2); noise ~ N(0, noise_sd^2). Samples are kept (not only sufficient statistics)
+    so the model can be saved with a checkpoint and refit exactly."""
+
+    def __init__(self, nvec: list[int], dim: int, prior_sd: float = 0.1, noise_sd: float = 0.15,
+                 draws: int = 64, intercept_sd: float | None = None) -> None:
+        self.nvec = [int(n) for n in nvec]
+        self.dim = int(dim)
+        self.prior_sd, self.noise_sd, self.draws = float(prior_sd), float(noise_sd), int(draws)
+        self.intercept_sd = float(intercept_sd if intercept_sd is not None else prior_sd)
+        self.x = np.zeros((0, self.dim), dtype=np.float32)
+        self.actions = np.zeros((0, len(self.nvec)), dtype=np.int64)
+        self.rewards = np.zeros(0, dtype=np.float64)
+        self._posterior: list[list[tuple[np.ndarray, np.ndarray]]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.rewards)
+
+    def add(self, x: np.ndarray, actions: np.ndarray, rewards: np.ndarray) -> None:
+        x = np.asarray(x, dtype=np.float32).reshape(-1, self.dim)
+        actions = np.asarray(actions, dtype=np.int64).reshape(len(x), len(self.nvec))
+        rewards = np.asarray(rewards, dtype=np.float64).reshape(len(x))
+        if not np.isfinite(rewards).all():
+            raise ValueError("evidence: non-finite rewards")
+        self.x = np.concatenate([self.x, x])
+        self.actions = np.concatenate([self.actions, actions])
+        self.rewards = np.concatenate([self.rewards, rewards])
+        self._posterior = None
+
+    def _design(self, x: np.ndarray) -> np.ndarray:
+        return np.concatenate([np.ones((len(x), 1)), np.asarray(x, dtype=np.float64)], axis=1)
+
+    def posterior(self) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+        """[agent][action] -> (mean weights, Cholesky factor of the weight covariance), width dim + 1."""
+        if self._posterior is None:
+            design = self._design(self.x)
+            prior_precision = np.diag([self.intercept_sd ** -2] + [self.prior_sd ** -2] * self.dim)
+            out = []
+            for i, n in enumerate(self.nvec):
+                per_action = []
+                for a in range(n):
+                    rows = self.actions[:, i] == a
+                    xa, ra = design[rows], self.rewards[rows]
+                    precision = prior_precision + xa.T @ xa / self.noise_sd ** 2
+                    cov = np.linalg.inv(precision)
+                    cov = (cov + cov.T) / 2
+                    mean = cov @ (xa.T @ ra) / self.noise_sd ** 2
+                    per_action.append((mean, np.linalg.cholesky(cov)))
+                out.append(per_action)
+            self._posterior = out
+        return self._posterior
+
+    def choice_probs(self, x: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
+        """Per agent, [N, n_actions]: the share of posterior draws in which each action predicts the highest reward
+        for each feature row (Thompson sampling's choice probabilities)."""
+        design = self._design(np.asarray(x).reshape(-1, self.dim))
+        out = []
+        for per_action in self.posterior():
+            scores = []
+            for mean, chol in per_action:
+                w = mean[None, :] + rng.standard_normal((self.draws, len(mean))) @ chol.T  # [draws, d + 1]
+                scores.append(design @ w.T)  # [N, draws]
+            best = np.argmax(np.stack(scores, axis=-1), axis=-1)  # [N, draws]
+            probs = np.stack([(best == a).mean(axis=1) for a in range(len(per_action))], axis=-1)
+            out.append(probs.astype(np.float32))
+        return out
+
+    def state(self) -> dict[str, Any]:
+        return {"x": self.x, "actions": self.actions, "rewards": self.rewards}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.x, self.actions, self.rewards = state["x"], state["actions"], state["rewards"]
+        self._posterior = None
+
+
+class EvidencePPO(PPO):
+    """SB3's PPO plus the pooled-evidence step of the module doc after each update. Extra keywords: evidence_coef,
+    evidence_epochs, evidence_prior_sd, evidence_noise_sd, evidence_draws; the feature row is observation row
+    `feature_row` (1: the user row)."""
+
+    def __init__(self, *args, evidence_coef: float = 1.0, evidence_epochs: int = 10, evidence_prior_sd: float = 0.1,
+                 evidence_noise_sd: float = 0.15, evidence_draws: int = 64, feature_row: int = 1, **kwargs):
+        self.evidence_coef, self.evidence_epochs = float(evidence_coef), int(evidence_epochs)
+        self.feature_row = int(feature_row)
+        self._evidence_args = dict(prior_sd=evidence_prior_sd, noise_sd=evidence_noise_sd, draws=evidence_draws)
+        super().__init__(*args, **kwargs)
+
+    def _setup_model(self) -> None:
+        super()._setup_model()
+        self.evidence = EvidenceModel(list(self.action_space.nvec), self.observation_space.shape[-1],
+                                      **self._evidence_args)
+        self.evidence_rng = np.random.default_rng([int(self.seed or 0), 0xE71D])
+
+    def _excluded_save_params(self) -> list[str]:
+        # the samples travel in the checkpoint's state (rpp.agents.train), not in SB3's zip
+        return [*super()._excluded_save_params(), "evidence", "evidence_rng"]
+
+    def evidence_state(self) -> dict[str, Any]:
+        return {"samples": self.evidence.state(), "rng": self.evidence_rng.bit_generator.state}
+
+    def load_evidence_state(self, state: dict[str, Any]) -> None:
+        self.evidence.load_state(state["samples"])
+        self.evidence_rng.bit_generator.state = state["rng"]
+
+    def train(self) -> None:
+        super().train()
+        buf = self.rollout_buffer
+        # SB3's buffer.get() flattened observations and actions env-major ([n_envs * n_steps, ...]) in place;
+        # rewards are not among the arrays it flattens, so they are flattened the same way here (before any get(),
+        # all three are still step-major)
+        rewards = buf.rewards.swapaxes(0, 1).reshape(-1) if buf.generator_ready else buf.rewards.reshape(-1)
+        obs = buf.observations.reshape(-1, *self.observation_space.shape)
+        actions = buf.actions.reshape(-1, len(self.action_space.nvec)).astype(np.int64)
+        self.evidence.add(obs[:, self.feature_row], actions, rewards)
+        if self.evidence_coef <= 0 or self.evidence_epochs <= 0:
+            return
+        targets = th.as_tensor(np.concatenate(self.evidence.choice_probs(obs[:, self.feature_row],
+                                                                         self.evidence_rng), axis=-1))
+        obs_t = th.as_tensor(obs, dtype=th.float32, device=self.device)
+        splits = [int(n) for n in self.action_space.nvec]
+        losses = []
+        for _ in range(self.evidence_epochs):
+            logits = th.split(th.cat(self.policy.agent_logits(obs_t), dim=-1), splits, dim=-1)
+            loss = sum(-(tgt * th.log_softmax(lg, dim=-1)).sum(-1).mean()
+                       for tgt, lg in zip(th.split(targets, splits, dim=-1), logits))
+            loss = self.evidence_coef * loss
+            self.policy.optimizer.zero_grad()
+            loss.backward()
+            th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+            self.policy.optimizer.step()
+            losses.append(float(loss.item()))
+        self.logger.record("train/evidence_loss", float(np.mean(losses)))
+        self.logger.record("train/evidence_samples", len(self.evidence))
