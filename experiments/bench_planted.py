@@ -28,8 +28,10 @@ sys.path.insert(0, str(ROOT))
 from rpp.agents.planted import passes, planted_check, planted_config  # noqa: E402
 from rpp.config import load_config  # noqa: E402
 
+NO_POOLING = ["train.evidence.coef=0"]
+"""ml100k.yaml's learner without evidence pooling (PPO alone)."""
 OLD_SETTINGS = ["train.learning_rate=0.003", "train.ent_coef=0.001", "train.ent_coef_final=null", "train.gamma=0.9",
-                "train.n_epochs=4", "train.batch_size=24"]
+                "train.n_epochs=4", "train.batch_size=24", *NO_POOLING]
 """ml100k.yaml's PPO settings before the learner was fixed."""
 
 VARIANTS = {
@@ -40,10 +42,14 @@ VARIANTS = {
     "user_row": ("+ the standardized user-feature row (genre shares, dominant genre, history length, ratings, "
                  "step), same old PPO settings", OLD_SETTINGS, True),
     "final": ("+ exploration that lasts and gentler updates: ent_coef 0.05 annealed linearly to 0, lr 1e-3, 10 "
-              "epochs over whole-rollout minibatches (48), gamma 0 (each step judged by its own NDCG): the "
-              "settings now in ml100k.yaml", [], True),
+              "epochs over whole-rollout minibatches (48), gamma 0 (each step judged by its own NDCG): the PPO "
+              "settings now in ml100k.yaml, PPO alone", NO_POOLING, True),
     "history_row": ("final + the mean history-title embedding as a second user row (env.history_embedding): an "
-                    "ablation of a feature the issue suggested", ["env.history_embedding=true"], True),
+                    "ablation of a feature the issue suggested", ["env.history_embedding=true", *NO_POOLING], True),
+    "pooled": ("final + evidence pooling (train.evidence, rpp/agents/evidence.py): per agent and action a Bayesian "
+               "linear model of the step reward on the user row, fit on every sample of the run; after each PPO "
+               "update the actors are pulled toward its Thompson choice probabilities: the learner now in "
+               "ml100k.yaml", [], True),
 }
 
 

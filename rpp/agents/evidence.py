@@ -35,12 +35,11 @@ class EvidenceModel:
     Prior: weights ~ N(0, prior_sd^2); noise ~ N(0, noise_sd^2). Samples are kept (not only sufficient statistics)
     so the model can be saved with a checkpoint and refit exactly."""
 
-    def __init__(self, nvec: list[int], dim: int, prior_sd: float = 0.1, noise_sd: float = 0.15,
-                 draws: int = 64, intercept_sd: float | None = None) -> None:
+    def __init__(self, nvec: list[int], dim: int, prior_sd: float = 0.03, noise_sd: float = 0.1,
+                 draws: int = 64) -> None:
         self.nvec = [int(n) for n in nvec]
         self.dim = int(dim)
         self.prior_sd, self.noise_sd, self.draws = float(prior_sd), float(noise_sd), int(draws)
-        self.intercept_sd = float(intercept_sd if intercept_sd is not None else prior_sd)
         self.x = np.zeros((0, self.dim), dtype=np.float32)
         self.actions = np.zeros((0, len(self.nvec)), dtype=np.int64)
         self.rewards = np.zeros(0, dtype=np.float64)
@@ -67,7 +66,7 @@ class EvidenceModel:
         """[agent][action] -> (mean weights, Cholesky factor of the weight covariance), width dim + 1."""
         if self._posterior is None:
             design = self._design(self.x)
-            prior_precision = np.diag([self.intercept_sd ** -2] + [self.prior_sd ** -2] * self.dim)
+            prior_precision = np.eye(self.dim + 1) / self.prior_sd ** 2
             out = []
             for i, n in enumerate(self.nvec):
                 per_action = []
@@ -111,8 +110,8 @@ class EvidencePPO(PPO):
     evidence_epochs, evidence_prior_sd, evidence_noise_sd, evidence_draws; the feature row is observation row
     `feature_row` (1: the user row)."""
 
-    def __init__(self, *args, evidence_coef: float = 1.0, evidence_epochs: int = 10, evidence_prior_sd: float = 0.1,
-                 evidence_noise_sd: float = 0.15, evidence_draws: int = 64, feature_row: int = 1, **kwargs):
+    def __init__(self, *args, evidence_coef: float = 1.0, evidence_epochs: int = 10, evidence_prior_sd: float = 0.03,
+                 evidence_noise_sd: float = 0.1, evidence_draws: int = 64, feature_row: int = 1, **kwargs):
         self.evidence_coef, self.evidence_epochs = float(evidence_coef), int(evidence_epochs)
         self.feature_row = int(feature_row)
         self._evidence_args = dict(prior_sd=evidence_prior_sd, noise_sd=evidence_noise_sd, draws=evidence_draws)
