@@ -157,6 +157,20 @@ def test_the_learner_personalizes_a_planted_rule(tmp_path, one_thread):
     assert result["optimal_share"] >= 0.85 and result["policy_ndcg"] > result["best_fixed_ndcg"], result
 
 
+@pytest.mark.slow
+def test_evidence_pooling_serves_the_small_groups_too(tmp_path, one_thread):
+    """Four groups (the majority and three small ones): PPO alone serves the majority and misses most small groups
+    (63-73% of users optimal in experiments/results/planted.md); with evidence pooling, the learner now in
+    ml100k.yaml, at least two of the three small groups must get their own best prompt as well."""
+    from rpp.agents.planted import planted_check, planted_config
+
+    base = load_config("experiments/ml100k.yaml", FAST_PLANTED)
+    assert base.train.evidence.coef > 0
+    result = planted_check(planted_config(base, groups=4, seed=0, runs_dir=tmp_path))
+    small_served = sum(share >= 0.75 for share in result["optimal_share_by_group"][1:])
+    assert small_served >= 2 and result["optimal_share"] >= 0.85, result
+
+
 def test_bandit_told_the_groups_finds_them_with_enough_budget_only():
     """bandit_references, the check of the budget itself: a learner TOLD each user's group finds every group's best
     actions with a real budget, and not with a handful of steps (so the score is earned, not given); the one told
