@@ -2,7 +2,9 @@
 and reasoning agents give to that group's best action, and to the MAJORITY group's best action, over the training
 users' first observation.
 
-    python experiments/trace_planted.py --groups 4 --seed 0     # experiments/results/planted-trace.{csv,png}
+    python experiments/trace_planted.py --groups 4 --seed 0     # the learner in ml100k.yaml (evidence pooling)
+    python experiments/trace_planted.py --groups 4 --seed 0 --set train.evidence.coef=0   # PPO alone: the record,
+                                                               # experiments/results/planted-trace.{csv,png}
 
 A learner that personalizes raises each group's own best action for that group; one that generalizes the majority's
 lesson to everyone raises the majority's action for every group first.
