@@ -18,7 +18,8 @@ what the bandit had: a memory of all evidence.
   while the evidence is thin, sharp once it is not). The critic is untouched.
 
 The reward pooled is each step's own reward (NDCG minus the task-wise baseline), the contextual-bandit view that
-gamma 0 takes. The samples are part of the checkpoint, so a resumed run continues with the same evidence.
+gamma 0 takes; a step whose ranking failed pools its reward of 0 like PPO sees it (failures are counted by the
+environment). The samples are part of the checkpoint, so a resumed run continues with the same evidence.
 """
 from __future__ import annotations
 
@@ -146,15 +147,13 @@ class EvidencePPO(PPO):
         self.evidence.add(obs[:, self.feature_row], actions, rewards)
         if self.evidence_coef <= 0 or self.evidence_epochs <= 0:
             return
-        targets = th.as_tensor(np.concatenate(self.evidence.choice_probs(obs[:, self.feature_row],
-                                                                         self.evidence_rng), axis=-1))
+        targets = [th.as_tensor(p, device=self.device)
+                   for p in self.evidence.choice_probs(obs[:, self.feature_row], self.evidence_rng)]
         obs_t = th.as_tensor(obs, dtype=th.float32, device=self.device)
-        splits = [int(n) for n in self.action_space.nvec]
         losses = []
         for _ in range(self.evidence_epochs):
-            logits = th.split(th.cat(self.policy.agent_logits(obs_t), dim=-1), splits, dim=-1)
             loss = sum(-(tgt * th.log_softmax(lg, dim=-1)).sum(-1).mean()
-                       for tgt, lg in zip(th.split(targets, splits, dim=-1), logits))
+                       for tgt, lg in zip(targets, self.policy.agent_logits(obs_t), strict=True))
             loss = self.evidence_coef * loss
             self.policy.optimizer.zero_grad()
             loss.backward()
