@@ -33,7 +33,7 @@ from rpp.prompts import PATTERNS  # noqa: E402
 
 
 def diagnose(cfg) -> dict:
-    run_dir = Path(planted_check(cfg)["run_dir"])
+    run_dir = Path(planted_check(cfg, references=False)["run_dir"])
     checkpoint = latest_checkpoint(run_dir)
     samples = load_state(checkpoint)["evidence"]["samples"]
     ranker = make_ranker(cfg)
