@@ -42,8 +42,8 @@ def diagnose(cfg) -> dict:
     model = load_algorithm(cfg, checkpoint)
     _, obs = core.reset(core.samples)
     policy = [p.argmax(1) for p in model.policy.agent_probs(obs)]
-    evidence = EvidenceModel(list(model.action_space.nvec), obs.shape[-1], cfg.train.evidence.prior_sd,
-                             cfg.train.evidence.noise_sd, cfg.train.evidence.draws)
+    e = cfg.train.evidence
+    evidence = EvidenceModel(list(model.action_space.nvec), obs.shape[-1], e.prior_sd, e.noise_sd, e.draws)
     evidence.load_state(samples)
     modelled = [p.argmax(1) for p in evidence.choice_probs(obs[:, 1], np.random.default_rng(cfg.seed))]
 
@@ -56,9 +56,10 @@ def diagnose(cfg) -> dict:
     ids = {p: [a.id for a in ranker.action_set.actions[p]] for p in PATTERNS}
 
     def genre_means_choice(genre, agent: int) -> int:
-        rows = sample_genre == genre
-        means = [samples["rewards"][rows & (samples["actions"][:, agent] == a)].mean()
-                 if (rows & (samples["actions"][:, agent] == a)).any() else -np.inf for a in range(len(ids[PATTERNS[agent]]))]
+        means = []
+        for a in range(len(ids[PATTERNS[agent]])):
+            rows = (sample_genre == genre) & (samples["actions"][:, agent] == a)
+            means.append(samples["rewards"][rows].mean() if rows.any() else -np.inf)
         return int(np.argmax(means))
 
     by_group: dict[int, list[tuple[bool, bool, bool]]] = {}

@@ -12,6 +12,7 @@ from test_agents_train import PromptHashRanker, tiny_cfg
 
 from rpp.agents.evidence import EvidenceModel, EvidencePPO
 from rpp.agents.policy import FourAgentPolicy
+from rpp.config import ConfigError, EvidenceConfig, load_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,7 +41,7 @@ def test_the_model_finds_each_groups_best_action_and_starts_from_the_prior():
 
 
 def test_the_model_refuses_non_finite_rewards():
-    model = EvidenceModel([3], dim=2)
+    model = EvidenceModel([3], dim=2, prior_sd=0.1, noise_sd=0.1, draws=8)
     with pytest.raises(ValueError, match="non-finite"):
         model.add(np.zeros((1, 2)), np.zeros((1, 1)), np.array([np.nan]))
 
@@ -74,7 +75,7 @@ def test_pooled_samples_pair_each_observation_with_its_own_action_and_reward():
     env = DummyVecEnv([KnownRewardEnv for _ in range(4)])
     env.seed(0)
     model = EvidencePPO(FourAgentPolicy, env, n_steps=4, batch_size=8, n_epochs=2, gamma=0.0, seed=0,
-                        policy_kwargs=dict(hidden_size=8), evidence_coef=1.0, evidence_epochs=2)
+                        policy_kwargs=dict(hidden_size=8), evidence=EvidenceConfig(coef=1.0, epochs=2))
     model.learn(total_timesteps=48)
     ev = model.evidence
     assert len(ev) == 48
@@ -86,8 +87,8 @@ def _pull_run(coef: float) -> float:
     env = DummyVecEnv([KnownRewardEnv for _ in range(4)])
     env.seed(1)
     model = EvidencePPO(FourAgentPolicy, env, n_steps=4, batch_size=16, n_epochs=1, gamma=0.0, seed=1,
-                        learning_rate=3e-3, policy_kwargs=dict(hidden_size=8), evidence_coef=coef,
-                        evidence_epochs=20, evidence_prior_sd=1.0, evidence_noise_sd=0.5)
+                        learning_rate=3e-3, policy_kwargs=dict(hidden_size=8),
+                        evidence=EvidenceConfig(coef=coef, epochs=20, prior_sd=1.0, noise_sd=0.5))
     model.learn(total_timesteps=96)
     obs = np.stack([KnownRewardEnv().reset(seed=s)[0] for s in range(16)])
     return float(model.policy.agent_probs(obs)[1][:, 2].mean())
@@ -123,3 +124,10 @@ def test_resume_continues_with_the_same_evidence_and_parameters(tmp_path):
     assert all(isinstance(m, EvidencePPO) for m in models)
     for (name, a), b in zip(models[0].policy.state_dict().items(), models[1].policy.state_dict().values()):
         assert th.equal(a, b), name
+
+
+def test_evidence_pooling_is_refused_for_a2c():
+    """train.evidence extends PPO's update; with A2C it would silently do nothing, so the config says so."""
+    with pytest.raises(ConfigError, match="extends PPO"):
+        load_config(None, ["train.algo=a2c", "train.evidence.coef=1"])
+    assert load_config(None, ["train.algo=a2c"]).train.evidence.coef == 0

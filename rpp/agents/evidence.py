@@ -29,6 +29,8 @@ import numpy as np
 import torch as th
 from stable_baselines3 import PPO
 
+from rpp.config import EvidenceConfig
+
 
 class EvidenceModel:
     """Bayesian linear reward models, one per (agent, action), over a feature row of width `dim` plus an intercept.
@@ -36,8 +38,7 @@ class EvidenceModel:
     Prior: weights ~ N(0, prior_sd^2); noise ~ N(0, noise_sd^2). Samples are kept (not only sufficient statistics)
     so the model can be saved with a checkpoint and refit exactly."""
 
-    def __init__(self, nvec: list[int], dim: int, prior_sd: float = 0.03, noise_sd: float = 0.1,
-                 draws: int = 64) -> None:
+    def __init__(self, nvec: list[int], dim: int, prior_sd: float, noise_sd: float, draws: int) -> None:
         self.nvec = [int(n) for n in nvec]
         self.dim = int(dim)
         self.prior_sd, self.noise_sd, self.draws = float(prior_sd), float(noise_sd), int(draws)
@@ -107,21 +108,21 @@ class EvidenceModel:
 
 
 class EvidencePPO(PPO):
-    """SB3's PPO plus the pooled-evidence step of the module doc after each update. Extra keywords: evidence_coef,
-    evidence_epochs, evidence_prior_sd, evidence_noise_sd, evidence_draws; the feature row is observation row
+    """SB3's PPO plus the pooled-evidence step of the module doc after each update. Extra keywords: `evidence`, the
+    run's rpp.config.EvidenceConfig (the one home of its settings and defaults); the feature row is observation row
     `feature_row` (1: the user row)."""
 
-    def __init__(self, *args, evidence_coef: float = 1.0, evidence_epochs: int = 10, evidence_prior_sd: float = 0.03,
-                 evidence_noise_sd: float = 0.1, evidence_draws: int = 64, feature_row: int = 1, **kwargs):
-        self.evidence_coef, self.evidence_epochs = float(evidence_coef), int(evidence_epochs)
+    def __init__(self, *args, evidence: EvidenceConfig | None = None, feature_row: int = 1, **kwargs):
+        self.evidence_config = (evidence or EvidenceConfig(coef=1.0)).model_dump()
+        """Plain dict (saved in SB3's zip like its other constructor settings)."""
         self.feature_row = int(feature_row)
-        self._evidence_args = dict(prior_sd=evidence_prior_sd, noise_sd=evidence_noise_sd, draws=evidence_draws)
         super().__init__(*args, **kwargs)
 
     def _setup_model(self) -> None:
         super()._setup_model()
+        c = self.evidence_config
         self.evidence = EvidenceModel(list(self.action_space.nvec), self.observation_space.shape[-1],
-                                      **self._evidence_args)
+                                      prior_sd=c["prior_sd"], noise_sd=c["noise_sd"], draws=c["draws"])
         self.evidence_rng = np.random.default_rng([int(self.seed or 0), 0xE71D])
 
     def _excluded_save_params(self) -> list[str]:
@@ -145,16 +146,17 @@ class EvidencePPO(PPO):
         obs = buf.observations.reshape(-1, *self.observation_space.shape)
         actions = buf.actions.reshape(-1, len(self.action_space.nvec)).astype(np.int64)
         self.evidence.add(obs[:, self.feature_row], actions, rewards)
-        if self.evidence_coef <= 0 or self.evidence_epochs <= 0:
+        coef, epochs = self.evidence_config["coef"], self.evidence_config["epochs"]
+        if coef <= 0:
             return
         targets = [th.as_tensor(p, device=self.device)
                    for p in self.evidence.choice_probs(obs[:, self.feature_row], self.evidence_rng)]
         obs_t = th.as_tensor(obs, dtype=th.float32, device=self.device)
         losses = []
-        for _ in range(self.evidence_epochs):
+        for _ in range(epochs):
             loss = sum(-(tgt * th.log_softmax(lg, dim=-1)).sum(-1).mean()
                        for tgt, lg in zip(targets, self.policy.agent_logits(obs_t), strict=True))
-            loss = self.evidence_coef * loss
+            loss = coef * loss
             self.policy.optimizer.zero_grad()
             loss.backward()
             th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)

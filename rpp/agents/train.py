@@ -60,9 +60,7 @@ def algorithm_kwargs(cfg: Config, n_envs: int) -> dict:
         kwargs.update(batch_size=min(t.batch_size, n_envs * cfg.rollout_steps), n_epochs=t.n_epochs,
                       clip_range=t.clip_range)
     if algorithm_class(cfg) is EvidencePPO:
-        e = t.evidence
-        kwargs.update(evidence_coef=e.coef, evidence_epochs=e.epochs, evidence_prior_sd=e.prior_sd,
-                      evidence_noise_sd=e.noise_sd, evidence_draws=e.draws)
+        kwargs.update(evidence=t.evidence)
     return kwargs
 
 
