@@ -48,8 +48,11 @@ VARIANTS = {
                     "ablation of a feature the issue suggested", ["env.history_embedding=true", *NO_POOLING], True),
     "pooled": ("final + evidence pooling (train.evidence, rpp/agents/evidence.py): per agent and action a Bayesian "
                "linear model of the step reward on the user row, fit on every sample of the run; after each PPO "
-               "update the actors are pulled toward its Thompson choice probabilities: the learner now in "
-               "ml100k.yaml", [], True),
+               "update the actors are pulled toward its Thompson choice probabilities",
+               ["train.evidence.coef=1", "train.evidence.model=per_agent"], True),
+    "joint": ("pooled with ONE reward model over all four agents' choices (train.evidence.model: joint), each "
+              "agent credited with its own part of the reward rather than counting its partners' as noise",
+              ["train.evidence.coef=1", "train.evidence.model=joint"], True),
 }
 
 

@@ -177,6 +177,10 @@ class EvidenceConfig(_Section):
 
     coef: float = Field(0.0, ge=0)
     """Weight of the cross-entropy toward the evidence's choice probabilities (0: plain PPO)."""
+    model: Literal["per_agent", "joint"] = "per_agent"
+    """per_agent: one reward model per agent and action, the partners' choices counted as noise (EvidenceModel);
+    joint: one model of the reward over all agents' choices together, each credited with its own part
+    (JointEvidenceModel)."""
     epochs: int = Field(10, ge=1)
     """Gradient steps of that loss after each PPO update."""
     prior_sd: float = Field(0.03, gt=0)

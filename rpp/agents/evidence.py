@@ -16,6 +16,9 @@ what the bandit had: a memory of all evidence.
   the actors take `epochs` extra gradient steps of coef * cross-entropy(choice_probs, pi_agent) on the rollout's
   observations, so each agent's policy matches the pooled evidence for these users (probability matching: broad
   while the evidence is thin, sharp once it is not). The critic is untouched.
+- ``JointEvidenceModel`` (train.evidence.model: joint): ONE such model over all agents' choices together, each
+  agent credited with its own part of the reward. It serves the planted check's smallest group somewhat better
+  but passes fewer runs than the per-agent model, which stays the default (experiments/results/planted.md).
 
 The reward pooled is each step's own reward (NDCG minus the task-wise baseline), the contextual-bandit view that
 gamma 0 takes; a step whose ranking failed pools its reward of 0 like PPO sees it (failures are counted by the
@@ -27,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch as th
+from scipy.linalg import solve_triangular
 from stable_baselines3 import PPO
 
 from rpp.config import EvidenceConfig
@@ -107,6 +111,72 @@ class EvidenceModel:
         self._posterior = None
 
 
+class JointEvidenceModel(EvidenceModel):
+    """ONE Bayesian linear model of the step reward over all agents' choices together (train.evidence.model: joint):
+
+        reward = sum over agents i of  w[i, a_i] . [1, x]  + noise,
+
+    so each agent's estimate is credited with the part of the reward its partners' choices explain, instead of
+    counting that part as noise (the per-agent model). Same prior and noise as EvidenceModel; only the feature
+    columns that are non-zero in some sample take part (the user row fills ~60 of its 384 slots), which keeps the
+    joint weight vector at about sum(nvec) * 63 entries."""
+
+    def _columns(self) -> np.ndarray:
+        return np.flatnonzero(np.abs(self.x).max(axis=0) > 0) if len(self.x) else np.zeros(0, dtype=np.int64)
+
+    def _blocks(self, width: int) -> np.ndarray:
+        """Start of each (agent, action) block in the joint weight vector, agent-major."""
+        return np.concatenate([[0], np.cumsum([n * width for n in self.nvec])])
+
+    def posterior(self):
+        """(columns, mean [D], lower Cholesky factor of the posterior precision [D, D]), D = sum(nvec) * width."""
+        if self._posterior is None:
+            cols = self._columns()
+            z = self._design(self.x[:, cols])
+            width = z.shape[1]
+            start = self._blocks(width)
+            precision = np.eye(start[-1]) / self.prior_sd ** 2
+            b = np.zeros(start[-1])
+            chosen = [[self.actions[:, i] == a for a in range(n)] for i, n in enumerate(self.nvec)]
+            for i, n in enumerate(self.nvec):
+                for a in range(n):
+                    ia = slice(start[i] + a * width, start[i] + (a + 1) * width)
+                    b[ia] = z[chosen[i][a]].T @ self.rewards[chosen[i][a]]
+                    for k, m in enumerate(self.nvec):
+                        for c in range(m):
+                            both = chosen[i][a] & chosen[k][c]
+                            if both.any():
+                                kc = slice(start[k] + c * width, start[k] + (c + 1) * width)
+                                precision[ia, kc] += z[both].T @ z[both] / self.noise_sd ** 2
+            chol = np.linalg.cholesky(precision)
+            mean = _chol_solve(chol, b / self.noise_sd ** 2)
+            self._posterior = (cols, mean, chol)
+        return self._posterior
+
+    def _scores(self, x: np.ndarray, w: np.ndarray) -> list[np.ndarray]:
+        """Per agent, [N, draws, n_actions]: each action's predicted reward share under weight draws w [D, draws]."""
+        cols = self.posterior()[0]
+        z = self._design(np.asarray(x).reshape(-1, self.dim)[:, cols])
+        start = self._blocks(z.shape[1])
+        return [np.einsum("nd,adk->nka", z, w[start[i]:start[i + 1]].reshape(n, z.shape[1], -1))
+                for i, n in enumerate(self.nvec)]
+
+    def choice_probs(self, x: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
+        _, mean, chol = self.posterior()
+        noise = rng.standard_normal((len(mean), self.draws))
+        w = mean[:, None] + solve_triangular(chol.T, noise, lower=False)  # draws from N(mean, precision^-1)
+        out = []
+        for scores in self._scores(x, w):
+            best = scores.argmax(axis=-1)  # [N, draws]
+            out.append(np.stack([(best == a).mean(axis=1) for a in range(scores.shape[-1])], -1).astype(np.float32))
+        return out
+
+
+def _chol_solve(chol: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """precision^-1 b for precision = chol @ chol.T."""
+    return solve_triangular(chol.T, solve_triangular(chol, b, lower=True), lower=False)
+
+
 class EvidencePPO(PPO):
     """SB3's PPO plus the pooled-evidence step of the module doc after each update. Extra keywords: `evidence`, the
     run's rpp.config.EvidenceConfig (the one home of its settings and defaults); the feature row is observation row
@@ -121,8 +191,9 @@ class EvidencePPO(PPO):
     def _setup_model(self) -> None:
         super()._setup_model()
         c = self.evidence_config
-        self.evidence = EvidenceModel(list(self.action_space.nvec), self.observation_space.shape[-1],
-                                      prior_sd=c["prior_sd"], noise_sd=c["noise_sd"], draws=c["draws"])
+        model = JointEvidenceModel if c.get("model") == "joint" else EvidenceModel
+        self.evidence = model(list(self.action_space.nvec), self.observation_space.shape[-1],
+                              prior_sd=c["prior_sd"], noise_sd=c["noise_sd"], draws=c["draws"])
         self.evidence_rng = np.random.default_rng([int(self.seed or 0), 0xE71D])
 
     def _excluded_save_params(self) -> list[str]:
