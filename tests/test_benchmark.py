@@ -188,3 +188,22 @@ def test_slot_bins_cover_every_slot_once():
         bins = slot_bins(n)
         covered = [s for lo, hi in bins for s in range(lo, hi)]
         assert covered == list(range(n))
+
+
+def test_per_user_select_costs_k_plus_one_requests_and_the_label_oracle_bounds_it(tmp_path):
+    """per_user_select ranks K prompts on each user's own last history item and the test candidates with the best
+    one (K + 1 requests per user); label_oracle picks each user's best of the same K prompts WITH the test label,
+    so per user it is never below per_user_select or the task-wise prompt (one of the K)."""
+    from test_agents_train import PromptHashRanker
+
+    cfg = _cfg(tmp_path, "[taskwise,per_user_select,label_oracle]", "eval.n_users=24",
+               "benchmark.per_user_prompts=3", "benchmark.enumeration_val_users=8")
+    out = run_benchmark(cfg, ranker=PromptHashRanker())
+    t = pd.read_csv(out / "results.csv").set_index("method")
+    assert t.loc["per_user_select", "infer_requests_per_user"] == 4.0
+    assert t.loc["label_oracle", "infer_requests_per_user"] == 3.0
+    ndcg = pd.read_csv(out / "per_user.csv").pivot(index="user", columns="method", values="ndcg@10")
+    assert len(ndcg) == 24
+    assert (ndcg["label_oracle"] >= ndcg["per_user_select"] - 1e-12).all()
+    assert (ndcg["label_oracle"] >= ndcg["taskwise"] - 1e-12).all()
+    assert ndcg["label_oracle"].mean() > ndcg["taskwise"].mean()  # the hash ranker's prompts do differ per user

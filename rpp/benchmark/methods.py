@@ -133,13 +133,19 @@ class BenchContext:
     def rank_samples(self, samples: Sequence[UserSample], chosen: Sequence[dict]) -> list[Ranking]:
         """Like rank_prompts, for samples that are not the split's (history holdouts): their contexts are built
         from the sample itself, never from the per-user context cache."""
+        from tqdm.auto import tqdm
+
         from rpp.prompts import UserContext
 
         out: list[Ranking] = []
+        bar = tqdm(total=len(samples), unit="sample", desc="ranking holdouts", leave=False,
+                   disable=len(samples) <= CHUNK_USERS)
         for start in range(0, len(samples), CHUNK_USERS):
             requests = [self.builder.request(UserContext.from_sample(s, self.dataset), c)[1]
                         for s, c in zip(samples[start:start + CHUNK_USERS], chosen[start:start + CHUNK_USERS])]
             out.extend(self.ranker.rank(requests))
+            bar.update(len(requests))
+        bar.close()
         return out
 
     def rank_prompts(self, users: Sequence[UserSample], chosen: Sequence[dict],
