@@ -98,9 +98,7 @@ class EvidenceModel:
             for mean, chol in per_action:
                 w = mean[None, :] + rng.standard_normal((self.draws, len(mean))) @ chol.T  # [draws, d + 1]
                 scores.append(design @ w.T)  # [N, draws]
-            best = np.argmax(np.stack(scores, axis=-1), axis=-1)  # [N, draws]
-            probs = np.stack([(best == a).mean(axis=1) for a in range(len(per_action))], axis=-1)
-            out.append(probs.astype(np.float32))
+            out.append(_best_shares(np.stack(scores, axis=-1)))
         return out
 
     def state(self) -> dict[str, Any]:
@@ -165,11 +163,13 @@ class JointEvidenceModel(EvidenceModel):
         _, mean, chol = self.posterior()
         noise = rng.standard_normal((len(mean), self.draws))
         w = mean[:, None] + solve_triangular(chol.T, noise, lower=False)  # draws from N(mean, precision^-1)
-        out = []
-        for scores in self._scores(x, w):
-            best = scores.argmax(axis=-1)  # [N, draws]
-            out.append(np.stack([(best == a).mean(axis=1) for a in range(scores.shape[-1])], -1).astype(np.float32))
-        return out
+        return [_best_shares(scores) for scores in self._scores(x, w)]
+
+
+def _best_shares(scores: np.ndarray) -> np.ndarray:
+    """[N, draws, n_actions] predicted rewards -> [N, n_actions]: the share of draws in which each action is best."""
+    best = scores.argmax(axis=-1)
+    return np.stack([(best == a).mean(axis=1) for a in range(scores.shape[-1])], axis=-1).astype(np.float32)
 
 
 def _chol_solve(chol: np.ndarray, b: np.ndarray) -> np.ndarray:
