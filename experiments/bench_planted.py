@@ -49,10 +49,16 @@ VARIANTS = {
     "pooled": ("final + evidence pooling (train.evidence, rpp/agents/evidence.py): per agent and action a Bayesian "
                "linear model of the step reward on the user row, fit on every sample of the run; after each PPO "
                "update the actors are pulled toward its Thompson choice probabilities",
-               ["train.evidence.coef=1", "train.evidence.model=per_agent"], True),
+               ["train.evidence.coef=1", "train.evidence.model=per_agent", "train.evidence.category_prior_sd=null"],
+               True),
     "joint": ("pooled with ONE reward model over all four agents' choices (train.evidence.model: joint), each "
               "agent credited with its own part of the reward rather than counting its partners' as noise",
-              ["train.evidence.coef=1", "train.evidence.model=joint"], True),
+              ["train.evidence.coef=1", "train.evidence.model=joint", "train.evidence.category_prior_sd=null"], True),
+    "category": ("pooled with a wider prior (sd 0.1 instead of 0.03) on the weights of the user row's one-hot "
+                 "columns (the dominant genre; train.evidence.category_prior_sd): each genre's own deviation is "
+                 "learnt from that genre's few users instead of being shrunk away: the learner now in ml100k.yaml",
+                 ["train.evidence.coef=1", "train.evidence.model=per_agent", "train.evidence.category_prior_sd=0.1"],
+                 True),
 }
 
 

@@ -186,6 +186,11 @@ class EvidenceConfig(_Section):
     prior_sd: float = Field(0.03, gt=0)
     """Prior standard deviation of each weight (features are in [-1, 1]; rewards are NDCG differences). 0.03 and
     noise_sd 0.1 did best on the planted check (experiments/results/planted-tuning.md)."""
+    category_prior_sd: Optional[float] = Field(0.1, gt=0)
+    """Prior standard deviation of the weights on the user row's one-hot columns (the dominant genre): each
+    category's own deviation, learnt from its own users. Wider than prior_sd so that a rare genre's few samples
+    can show it: it took the planted check's smallest group from 30 / 0 / 60% to ... (experiments/results/planted.md).
+    null: prior_sd for every column."""
     noise_sd: float = Field(0.1, gt=0)
     """Assumed standard deviation of a step reward around the model (the other agents' choices included)."""
     draws: int = Field(64, ge=1)

@@ -82,6 +82,43 @@ def test_the_joint_model_keeps_only_the_columns_that_carry_features():
     assert list(cols) == [0, 1, 2, 3] and mean.shape == ((3 + 2) * 5,) and chol.shape == (25, 25)
 
 
+def _rare_category(n: int, rng: np.random.Generator):
+    """Columns 1-2: one-hot of two rare categories (4% of the samples each; the rest, the common category, has
+    neither); columns 0 and 3: dense features. Agent 0's action 1 earns 0.15 for the rare categories, action 0
+    earns 0.1 for everyone else."""
+    category = rng.choice(3, n, p=[0.92, 0.04, 0.04])
+    x = np.zeros((n, 4), dtype=np.float32)
+    x[category == 1, 1] = 1.0
+    x[category == 2, 2] = 1.0
+    x[:, [0, 3]] = rng.uniform(-1, 1, (n, 2))
+    actions = rng.integers(0, 2, (n, 1))
+    rare = category > 0
+    rewards = np.where(rare, 0.15 * (actions[:, 0] == 1), 0.1 * (actions[:, 0] == 0)) + 0.05 * rng.standard_normal(n)
+    return x, actions, rewards
+
+
+@pytest.mark.parametrize("cls", [EvidenceModel, JointEvidenceModel])
+def test_the_category_prior_lets_a_rare_categorys_few_samples_show_its_own_best_action(cls):
+    """The reason for train.evidence.category_prior_sd: with the tight prior of the dense columns the rare
+    categories' ~8 samples each are shrunk into the majority's answer; with a wider prior on the one-hot columns
+    they get their own."""
+    probe = np.array([[0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]], dtype=np.float32)
+    picks = {}
+    for category_sd in (None, 0.15):
+        rng = np.random.default_rng(3)
+        model = cls([2], dim=4, prior_sd=0.03, noise_sd=0.1, draws=512, category_columns=[1, 2],
+                    category_prior_sd=category_sd)
+        model.add(*_rare_category(200, rng))
+        picks[category_sd] = model.choice_probs(probe, rng)[0]
+    assert picks[0.15][:2, 1].min() > 0.8 and picks[0.15][2, 0] > 0.9, picks
+    assert picks[None][:2, 1].max() < 0.5, picks  # without it the rare categories get the majority's action
+
+
+def test_category_columns_must_lie_in_the_row():
+    with pytest.raises(ValueError, match="outside the feature row"):
+        EvidenceModel([2], dim=4, prior_sd=0.03, noise_sd=0.1, draws=4, category_columns=[4], category_prior_sd=0.1)
+
+
 def test_the_model_refuses_non_finite_rewards():
     model = EvidenceModel([3], dim=2, prior_sd=0.1, noise_sd=0.1, draws=8)
     with pytest.raises(ValueError, match="non-finite"):
@@ -164,6 +201,11 @@ def test_resume_continues_with_the_same_evidence_and_parameters(tmp_path):
         np.testing.assert_array_equal(states[0]["evidence"]["samples"][key], states[1]["evidence"]["samples"][key])
     models = [load_algorithm(longer, latest_checkpoint(run)) for run in (straight, resumed)]
     assert all(isinstance(m, EvidencePPO) for m in models)
+    # the dominant-genre one-hot of the user row reaches the model (and its saved zip) with its own prior
+    columns = np.array(models[1].category_columns)
+    assert len(columns) > 0 and len(models[1].evidence.prior_var) == models[1].evidence.dim + 1
+    np.testing.assert_allclose(models[1].evidence.prior_var[1 + columns], longer.train.evidence.category_prior_sd ** 2)
+    assert models[1].evidence.prior_var[0] == pytest.approx(longer.train.evidence.prior_sd ** 2)
     for (name, a), b in zip(models[0].policy.state_dict().items(), models[1].policy.state_dict().values()):
         assert th.equal(a, b), name
 

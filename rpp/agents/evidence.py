@@ -26,7 +26,7 @@ environment). The samples are part of the checkpoint, so a resumed run continues
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch as th
@@ -39,13 +39,28 @@ from rpp.config import EvidenceConfig
 class EvidenceModel:
     """Bayesian linear reward models, one per (agent, action), over a feature row of width `dim` plus an intercept.
 
-    Prior: weights ~ N(0, prior_sd^2); noise ~ N(0, noise_sd^2). Samples are kept (not only sufficient statistics)
-    so the model can be saved with a checkpoint and refit exactly."""
+    Prior: weights ~ N(0, prior_sd^2), except the weights of `category_columns` (the row's one-hot of a categorical
+    feature: the dominant genre), which get N(0, category_prior_sd^2); noise ~ N(0, noise_sd^2). Samples are kept
+    (not only sufficient statistics) so the model can be saved with a checkpoint and refit exactly.
 
-    def __init__(self, nvec: list[int], dim: int, prior_sd: float, noise_sd: float, draws: int) -> None:
+    Why the category columns get their own prior: a one-hot weight is that category's own deviation from the rest
+    (a random effect per category), learnt from that category's users alone. A rare category has a handful of
+    samples per action, and the tight prior that keeps the ~50 dense columns from fitting noise (0.03) shrinks
+    such a deviation to almost nothing; a wider one lets a few samples show it (experiments/results/planted.md)."""
+
+    def __init__(self, nvec: list[int], dim: int, prior_sd: float, noise_sd: float, draws: int,
+                 category_columns: Sequence[int] = (), category_prior_sd: float | None = None) -> None:
         self.nvec = [int(n) for n in nvec]
         self.dim = int(dim)
         self.prior_sd, self.noise_sd, self.draws = float(prior_sd), float(noise_sd), int(draws)
+        sd = np.full(self.dim + 1, self.prior_sd)
+        if category_prior_sd is not None:
+            columns = np.asarray(category_columns, dtype=np.int64)
+            if columns.size and (columns.min() < 0 or columns.max() >= self.dim):
+                raise ValueError(f"evidence: category columns outside the feature row (width {self.dim})")
+            sd[1 + columns] = float(category_prior_sd)
+        self.prior_var = sd ** 2
+        """Prior variance of each weight of [intercept, row] (width dim + 1)."""
         self.x = np.zeros((0, self.dim), dtype=np.float32)
         self.actions = np.zeros((0, len(self.nvec)), dtype=np.int64)
         self.rewards = np.zeros(0, dtype=np.float64)
@@ -72,7 +87,7 @@ class EvidenceModel:
         """[agent][action] -> (mean weights, Cholesky factor of the weight covariance), width dim + 1."""
         if self._posterior is None:
             design = self._design(self.x)
-            prior_precision = np.eye(self.dim + 1) / self.prior_sd ** 2
+            prior_precision = np.diag(1.0 / self.prior_var)
             out = []
             for i, n in enumerate(self.nvec):
                 per_action = []
@@ -133,7 +148,8 @@ class JointEvidenceModel(EvidenceModel):
             z = self._design(self.x[:, cols])
             width = z.shape[1]
             start = self._blocks(width)
-            precision = np.eye(start[-1]) / self.prior_sd ** 2
+            prior_var = self.prior_var[np.concatenate([[0], 1 + cols])]  # intercept, then the columns used
+            precision = np.diag(1.0 / np.tile(prior_var, sum(self.nvec)))
             b = np.zeros(start[-1])
             chosen = [[self.actions[:, i] == a for a in range(n)] for i, n in enumerate(self.nvec)]
             for i, n in enumerate(self.nvec):
@@ -180,12 +196,18 @@ def _chol_solve(chol: np.ndarray, b: np.ndarray) -> np.ndarray:
 class EvidencePPO(PPO):
     """SB3's PPO plus the pooled-evidence step of the module doc after each update. Extra keywords: `evidence`, the
     run's rpp.config.EvidenceConfig (the one home of its settings and defaults); the feature row is observation row
-    `feature_row` (1: the user row)."""
+    `feature_row` (1: the user row); `category_columns`, the slots of that row that one-hot a categorical feature
+    (rpp.envs.features.UserFeatures.category_columns), which get evidence.category_prior_sd."""
 
-    def __init__(self, *args, evidence: EvidenceConfig | None = None, feature_row: int = 1, **kwargs):
+    category_columns: tuple[int, ...] = ()
+    """Class default for checkpoints saved before the attribute existed."""
+
+    def __init__(self, *args, evidence: EvidenceConfig | None = None, feature_row: int = 1,
+                 category_columns: Sequence[int] = (), **kwargs):
         self.evidence_config = (evidence or EvidenceConfig(coef=1.0)).model_dump()
         """Plain dict (saved in SB3's zip like its other constructor settings)."""
         self.feature_row = int(feature_row)
+        self.category_columns = tuple(int(c) for c in category_columns)
         super().__init__(*args, **kwargs)
 
     def _setup_model(self) -> None:
@@ -193,7 +215,9 @@ class EvidencePPO(PPO):
         c = self.evidence_config
         model = JointEvidenceModel if c.get("model") == "joint" else EvidenceModel
         self.evidence = model(list(self.action_space.nvec), self.observation_space.shape[-1],
-                              prior_sd=c["prior_sd"], noise_sd=c["noise_sd"], draws=c["draws"])
+                              prior_sd=c["prior_sd"], noise_sd=c["noise_sd"], draws=c["draws"],
+                              category_columns=self.category_columns,
+                              category_prior_sd=c.get("category_prior_sd"))
         self.evidence_rng = np.random.default_rng([int(self.seed or 0), 0xE71D])
 
     def _excluded_save_params(self) -> list[str]:

@@ -148,7 +148,10 @@ def train(cfg: Optional[Config], resume: str | Path | None = None,
         algo_cls = algorithm_class(cfg)
         usage_before, resumed_at = None, -1
         if checkpoint is None:
-            model = algo_cls(FourAgentPolicy, env, **algorithm_kwargs(cfg, n_envs))
+            kwargs = algorithm_kwargs(cfg, n_envs)
+            if algo_cls is EvidencePPO:
+                kwargs.update(category_columns=env.core.user_features.features.category_columns)
+            model = algo_cls(FourAgentPolicy, env, **kwargs)
         else:
             model, state = _restore(algo_cls, checkpoint, env, cfg)
             resumed_at = state["rollouts"]

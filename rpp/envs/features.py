@@ -61,6 +61,13 @@ class UserFeatures:
         self.n_numeric = 3 * len(self.genres) + 4
         """Filled slots; slot dim - 1 is the episode-step feature (set by the environment)."""
 
+    @property
+    def category_columns(self) -> list[int]:
+        """The slots of the dominant-genre one-hot: the row's categorical feature (rpp.agents.evidence gives their
+        weights a prior of their own)."""
+        g = len(self.genres)
+        return list(range(2 * g, 3 * g))
+
     def _shares(self, history_genres) -> np.ndarray:
         out = np.zeros(len(self.genres), dtype=np.float32)
         for genres in history_genres:
