@@ -79,18 +79,21 @@ def main() -> None:
     parser.add_argument("--config", default="experiments/ml100k.yaml")
     parser.add_argument("--groups", type=int, default=4)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config overrides for every run")
     parser.add_argument("--out", default="experiments/results/planted-pooled-diagnosis.md")
     args = parser.parse_args()
     lines = ["# Where the pooled learner loses a planted group", "",
              f"Command: `python experiments/diagnose_pooled.py --config {args.config} --groups {args.groups} --seeds "
-             + " ".join(map(str, args.seeds)) + "`", "",
+             + " ".join(map(str, args.seeds)) + "".join(f" --set {o}" for o in args.overrides) + "`", "",
              "Share of each group's test users given the group's best actions (greedy, first step) by the policy, by "
              "the evidence model fit on every sample of the run, and by per-dominant-genre mean rewards of the SAME "
              "samples (a learner told which feature matters).", "",
              "| seed | group | users | policy | evidence model | genre means of the same samples |",
              "|---|---|---|---|---|---|"]
     for seed in args.seeds:
-        cfg = planted_config(load_config(args.config), args.groups, seed, tempfile.mkdtemp(prefix="rpp-diagnose-"))
+        cfg = planted_config(load_config(args.config, args.overrides), args.groups, seed,
+                             tempfile.mkdtemp(prefix="rpp-diagnose-"))
         result = diagnose(cfg)
         if result["matched_samples"] < 1.0:
             raise SystemExit(f"only {result['matched_samples']:.1%} of the pooled samples matched a training user")

@@ -9,9 +9,12 @@ what the bandit had: a memory of all evidence.
 - ``EvidenceModel``: per agent and action, a Bayesian linear regression of the step reward on the user's feature
   row (observation row 1: genre shares, dominant genre, history length, ratings, step; rpp.envs.features), fit on
   every (user row, action, reward) of the run so far. Other agents' choices are noise to it, as they are to each
-  agent in the reward. ``choice_probs`` draws weights from the posteriors (Thompson sampling) and returns, for each
-  observation and agent, the share of draws in which each action scores best: the probability that the action is
-  the user's best one, given the evidence. Unseen actions keep the prior's spread, so they keep being tried.
+  agent in the reward. The dominant-genre one-hot columns of the row get a wider prior of their own
+  (train.evidence.category_prior_sd): a genre's deviation from the rest is learnt from its own few users instead of
+  being shrunk away with the dense columns' noise. ``choice_probs`` draws weights from the posteriors (Thompson
+  sampling) and returns, for each observation and agent, the share of draws in which each action scores best: the
+  probability that the action is the user's best one, given the evidence. Unseen actions keep the prior's spread,
+  so they keep being tried.
 - ``EvidencePPO``: SB3's PPO; after its own update on a rollout (unchanged), the rollout's rewards join the model and
   the actors take `epochs` extra gradient steps of coef * cross-entropy(choice_probs, pi_agent) on the rollout's
   observations, so each agent's policy matches the pooled evidence for these users (probability matching: broad
