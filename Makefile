@@ -31,9 +31,10 @@ $(DEPS): pyproject.toml | $(PY)
 	touch $@
 
 # The real OpenAI-compatible server for the server backend's tests (compiles llama.cpp, ~3 min, once).
-# Built here rather than cached as a wheel because it compiles with -march=native.
+# Built here, never taken from pip's wheel cache (--no-cache-dir): it compiles with -march=native, so a wheel
+# cached by a machine with other CPU extensions (AVX-512, AMX) would crash this one at its first request.
 $(SERVER): $(DEPS)
-	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install --quiet 'llama-cpp-python[server]==0.3.36'
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install --quiet --no-cache-dir 'llama-cpp-python[server]==0.3.36'
 	touch $@
 
 server: $(SERVER)

@@ -22,7 +22,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from rpp.agents.checkpoints import latest_checkpoint, load_state  # noqa: E402
-from rpp.agents.evidence import EvidenceModel  # noqa: E402
 from rpp.agents.planted import planted_check, planted_config  # noqa: E402
 from rpp.agents.serving import load_algorithm  # noqa: E402
 from rpp.config import load_config  # noqa: E402
@@ -42,8 +41,7 @@ def diagnose(cfg) -> dict:
     model = load_algorithm(cfg, checkpoint)
     _, obs = core.reset(core.samples)
     policy = [p.argmax(1) for p in model.policy.agent_probs(obs)]
-    e = cfg.train.evidence
-    evidence = EvidenceModel(list(model.action_space.nvec), obs.shape[-1], e.prior_sd, e.noise_sd, e.draws)
+    evidence = model.evidence  # built by the learner itself from the run's settings (priors, category columns)
     evidence.load_state(samples)
     modelled = [p.argmax(1) for p in evidence.choice_probs(obs[:, 1], np.random.default_rng(cfg.seed))]
 

@@ -153,13 +153,31 @@ class FakeEndpoint:
             pass
 
 
+# `python -m llama_cpp.server` with llama.cpp's extra CPU buffer types (weight repacking, AMX) switched off. With
+# them, llama-cpp-python 0.3.36 segfaults in llama_decode as soon as a batch asks for the logits of every token
+# (--logits_all, which echo + logprobs needs) on CPUs with AMX (exit code -11 at the first request); the server
+# exposes no option for it, so the model's default parameters are patched before the server's own main runs.
+_LLAMA_SERVER_MAIN = """
+import runpy
+import llama_cpp.llama_cpp as lc
+_defaults = lc.llama_model_default_params
+def _no_extra_buffer_types():
+    params = _defaults()
+    params.use_extra_bufts = False
+    return params
+lc.llama_model_default_params = _no_extra_buffer_types
+runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
+"""
+
+
 class LlamaServer:
-    """`python -m llama_cpp.server` on a free port with the given GGUF; started and stopped by the caller."""
+    """`python -m llama_cpp.server` (see _LLAMA_SERVER_MAIN) on a free port with the given GGUF; started and stopped
+    by the caller."""
 
     def __init__(self, gguf: Path, alias: str, threads: int = 1, n_ctx: int = 2048) -> None:
         self.port = free_port()
         self.alias = alias
-        self.cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", alias,
+        self.cmd = [sys.executable, "-c", _LLAMA_SERVER_MAIN, "--model", str(gguf), "--model_alias", alias,
                     "--host", "127.0.0.1", "--port", str(self.port), "--logits_all", "true",
                     "--n_ctx", str(n_ctx), "--n_threads", str(threads)]
         self.proc: subprocess.Popen | None = None
@@ -187,6 +205,12 @@ class LlamaServer:
                 time.sleep(0.5)
         self.stop()
         raise RuntimeError(f"llama.cpp server not ready after {timeout_s} s:\n{''.join(self.log[-20:])}")
+
+    def assert_alive(self) -> None:
+        """Raise with the server's exit code and log tail if it died (a crash shows as a negative exit code)."""
+        if self.proc is None or self.proc.poll() is not None:
+            code = None if self.proc is None else self.proc.returncode
+            raise RuntimeError(f"llama.cpp server is not running (exit code {code}):\n{''.join(self.log[-30:])}")
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -181,6 +181,15 @@ def llama_server():
     server.stop()
 
 
+@pytest.fixture
+def live_server(llama_server):
+    """The session's server, checked before and after each test: a crashed server fails with its exit code and
+    log, not as a bare connection error."""
+    llama_server.assert_alive()
+    yield llama_server
+    llama_server.assert_alive()
+
+
 SHORT = RankRequest(
     ({"role": "user", "content": "I loved Toy Story (1995) and Aladdin (1992). Which movie next? Title only."},),
     ("Fargo (1996)", "Toy Story 2 (1999)", "Lion King, The (1994)", "Schindler's List (1993)"))
@@ -188,7 +197,7 @@ SHORT = RankRequest(
 
 @pytest.mark.llm
 @pytest.mark.server
-def test_real_server_score_mode_agrees_with_the_local_backend(llama_server):
+def test_real_server_score_mode_agrees_with_the_local_backend(live_server):
     """Same prompt, same candidates: llama.cpp on the Q4_1 weights vs torch on their fp32 dequantization.
     The two differ in arithmetic (llama.cpp quantizes activations for its Q4_1 matmuls) and, for some titles,
     in tokenization ("Toy" vs "T"+"oy"), so per-title sums may differ by up to ~1 nat; we require the same top
@@ -197,7 +206,7 @@ def test_real_server_score_mode_agrees_with_the_local_backend(llama_server):
 
     from rpp.llm.local import LocalRanker
 
-    remote = OpenAIRanker(model="smollm2-135m-instruct", base_url=llama_server.base_url, mode="score",
+    remote = OpenAIRanker(model="smollm2-135m-instruct", base_url=live_server.base_url, mode="score",
                           concurrency=2, timeout_s=120, max_retries=1)
     r = remote.rank([SHORT])[0]
     assert remote.echo_mode == "direct"  # chat prompts start with BOS, which realigns llama-cpp-python's echo
@@ -209,10 +218,10 @@ def test_real_server_score_mode_agrees_with_the_local_backend(llama_server):
 
 
 @pytest.mark.server
-def test_real_server_plain_text_echo_is_detected_as_shifted_and_corrected(llama_server):
+def test_real_server_plain_text_echo_is_detected_as_shifted_and_corrected(live_server):
     """Without a leading BOS, llama-cpp-python pairs each token with the NEXT distribution; the probe must see it,
     and the corrected log-prob of an obvious continuation must be high."""
-    plain = OpenAIRanker(model="smollm2-135m-instruct", base_url=llama_server.base_url, mode="score",
+    plain = OpenAIRanker(model="smollm2-135m-instruct", base_url=live_server.base_url, mode="score",
                          concurrency=2, timeout_s=120, max_retries=1,
                          template=lambda msgs: "Q: " + msgs[-1]["content"] + "\nA: The capital of France is")
     r = plain.rank([RankRequest(({"role": "user", "content": "What is the capital of France?"},),
@@ -222,8 +231,8 @@ def test_real_server_plain_text_echo_is_detected_as_shifted_and_corrected(llama_
 
 
 @pytest.mark.server
-def test_real_server_generate_mode(llama_server):
-    ranker = OpenAIRanker(model="smollm2-135m-instruct", base_url=llama_server.base_url, mode="generate",
+def test_real_server_generate_mode(live_server):
+    ranker = OpenAIRanker(model="smollm2-135m-instruct", base_url=live_server.base_url, mode="generate",
                           max_new_tokens=40, timeout_s=120, max_retries=1, concurrency=2)
     listing = "\n".join(f"{i}. {t}" for i, t in enumerate(SHORT.candidates, start=1))
     req = RankRequest(({"role": "user", "content": f"Rank these movies for a Disney fan:\n{listing}"},),
