@@ -133,20 +133,14 @@ class BenchContext:
     def rank_samples(self, samples: Sequence[UserSample], chosen: Sequence[dict]) -> list[Ranking]:
         """Like rank_prompts, for samples that are not the split's (history holdouts): their contexts are built
         from the sample itself, never from the per-user context cache."""
-        from tqdm.auto import tqdm
-
         from rpp.prompts import UserContext
 
-        out: list[Ranking] = []
-        bar = tqdm(total=len(samples), unit="sample", desc="ranking holdouts", leave=False,
-                   disable=len(samples) <= CHUNK_USERS)
-        for start in range(0, len(samples), CHUNK_USERS):
-            requests = [self.builder.request(UserContext.from_sample(s, self.dataset), c)[1]
-                        for s, c in zip(samples[start:start + CHUNK_USERS], chosen[start:start + CHUNK_USERS])]
-            out.extend(self.ranker.rank(requests))
-            bar.update(len(requests))
-        bar.close()
-        return out
+        if len(chosen) != len(samples):
+            raise ValueError(f"{len(chosen)} prompt choices for {len(samples)} samples")
+        return self._rank_in_chunks(
+            len(samples), lambda i: self.builder.request(UserContext.from_sample(samples[i], self.dataset),
+                                                         chosen[i])[1],
+            desc="ranking holdouts", unit="sample")
 
     def rank_prompts(self, users: Sequence[UserSample], chosen: Sequence[dict],
                      refined: Optional[Sequence[Optional[dict]]] = None) -> list[Ranking]:
@@ -154,16 +148,20 @@ class BenchContext:
         call per chunk of CHUNK_USERS users."""
         if len(chosen) != len(users):
             raise ValueError(f"{len(chosen)} prompt choices for {len(users)} users")
+        refined = list(refined) if refined is not None else [None] * len(users)
+        return self._rank_in_chunks(
+            len(users), lambda i: self.builder.request(self.user_context(users[i]), chosen[i], refined[i])[1],
+            desc="ranking", unit="user")
+
+    def _rank_in_chunks(self, n: int, request_of, desc: str, unit: str) -> list[Ranking]:
+        """Requests 0..n-1 (request_of(i) builds one), one ranker call per chunk of CHUNK_USERS, with a progress
+        bar when there is more than one chunk."""
         from tqdm.auto import tqdm
 
-        refined = list(refined) if refined is not None else [None] * len(users)
         out: list[Ranking] = []
-        bar = tqdm(total=len(users), unit="user", desc="ranking", leave=False, disable=len(users) <= CHUNK_USERS)
-        for start in range(0, len(users), CHUNK_USERS):
-            requests = []
-            for i in range(start, min(start + CHUNK_USERS, len(users))):
-                uctx = self.user_context(users[i])
-                requests.append(self.builder.request(uctx, chosen[i], refined[i])[1])
+        bar = tqdm(total=n, unit=unit, desc=desc, leave=False, disable=n <= CHUNK_USERS)
+        for start in range(0, n, CHUNK_USERS):
+            requests = [request_of(i) for i in range(start, min(start + CHUNK_USERS, n))]
             rankings = self.ranker.rank(requests)
             if len(rankings) != len(requests):
                 raise RuntimeError(f"ranker returned {len(rankings)} rankings for {len(requests)} requests")
