@@ -57,8 +57,13 @@ VARIANTS = {
     "category": ("pooled with a wider prior (sd 0.1 instead of 0.03) on the weights of the user row's one-hot "
                  "columns (the dominant genre; train.evidence.category_prior_sd): each genre's own deviation is "
                  "learnt from that genre's few users instead of being shrunk away: the learner now in ml100k.yaml",
-                 ["train.evidence.coef=1", "train.evidence.model=per_agent", "train.evidence.category_prior_sd=0.1"],
-                 True),
+                 ["train.evidence.coef=1", "train.evidence.model=per_agent", "train.evidence.category_prior_sd=0.1",
+                  "train.evidence.distill_on=rollout"], True),
+    "replay": ("category, with each distillation step pulling the rollout's users plus as many drawn from every "
+               "earlier rollout toward the evidence (train.evidence.distill_on: all), so that users seen rollouts "
+               "ago, a rare genre's few among them, keep being pulled",
+               ["train.evidence.coef=1", "train.evidence.model=per_agent", "train.evidence.category_prior_sd=0.1",
+                "train.evidence.distill_on=all"], True),
 }
 
 

@@ -183,6 +183,12 @@ class EvidenceConfig(_Section):
     (JointEvidenceModel)."""
     epochs: int = Field(10, ge=1)
     """Gradient steps of that loss after each PPO update."""
+    distill_on: Literal["rollout", "all"] = "rollout"
+    """Whose observations each of those steps pulls toward the evidence: the rollout's (rollout), or the rollout's
+    plus as many drawn from every earlier rollout of the run (all: users seen rollouts ago, a rare genre's few
+    among them, keep being pulled; the observations are kept in float16 and saved with the checkpoint). An option
+    only: on three planted seeds it served the 4-group rule's smallest group better but lost a mid-size group on
+    one, passing no more runs (experiments/results/planted.md, variant replay)."""
     prior_sd: float = Field(0.03, gt=0)
     """Prior standard deviation of each weight (features are in [-1, 1]; rewards are NDCG differences). 0.03 and
     noise_sd 0.1 did best on the planted check (experiments/results/planted-tuning.md)."""

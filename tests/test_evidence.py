@@ -180,12 +180,13 @@ def test_the_pull_moves_each_agent_toward_the_evidence():
     assert pooled > max(0.6, plain + 0.2), (plain, pooled)
 
 
-def test_resume_continues_with_the_same_evidence_and_parameters(tmp_path):
+@pytest.mark.parametrize("distill_on", ["rollout", "all"])
+def test_resume_continues_with_the_same_evidence_and_parameters(tmp_path, distill_on):
     from rpp.agents import train
     from rpp.agents.checkpoints import latest_checkpoint, load_state
     from rpp.agents.serving import load_algorithm
 
-    evidence = ("train.evidence.coef=1", "train.evidence.epochs=3")
+    evidence = ("train.evidence.coef=1", "train.evidence.epochs=3", f"train.evidence.distill_on={distill_on}")
     ranker = PromptHashRanker()
     straight = train(tiny_cfg(tmp_path, "straight", "train.total_steps=16", *evidence), ranker=ranker,
                      progress=False)
@@ -199,6 +200,10 @@ def test_resume_continues_with_the_same_evidence_and_parameters(tmp_path):
     for key in ("x", "actions", "rewards"):
         assert len(states[0]["evidence"]["samples"][key]) == 16
         np.testing.assert_array_equal(states[0]["evidence"]["samples"][key], states[1]["evidence"]["samples"][key])
+    # distill_on=all keeps every rollout's observations (and saves them); rollout keeps none
+    past = [state["evidence"]["past_obs"] for state in states]
+    assert len(past[0]) == (16 if distill_on == "all" else 0)
+    np.testing.assert_array_equal(past[0], past[1])
     models = [load_algorithm(longer, latest_checkpoint(run)) for run in (straight, resumed)]
     assert all(isinstance(m, EvidencePPO) for m in models)
     # the dominant-genre one-hot of the user row reaches the model (and its saved zip) with its own prior

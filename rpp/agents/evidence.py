@@ -19,6 +19,9 @@ what the bandit had: a memory of all evidence.
   the actors take `epochs` extra gradient steps of coef * cross-entropy(choice_probs, pi_agent) on the rollout's
   observations, so each agent's policy matches the pooled evidence for these users (probability matching: broad
   while the evidence is thin, sharp once it is not). The critic is untouched.
+- train.evidence.distill_on: all (an option) pulls, at each of those steps, the rollout's users plus as many drawn
+  from every earlier rollout, so users seen long ago keep being pulled toward the evidence; it served the planted
+  check's smallest group better but passed no more runs (experiments/results/planted.md, variant replay).
 - ``JointEvidenceModel`` (train.evidence.model: joint): ONE such model over all agents' choices together, each
   agent credited with its own part of the reward. It serves the planted check's smallest group somewhat better
   but passes fewer runs than the per-agent model, which stays the default (experiments/results/planted.md).
@@ -222,17 +225,21 @@ class EvidencePPO(PPO):
                               category_columns=self.category_columns,
                               category_prior_sd=c.get("category_prior_sd"))
         self.evidence_rng = np.random.default_rng([int(self.seed or 0), 0xE71D])
+        self.past_obs = np.zeros((0, *self.observation_space.shape), dtype=np.float16)
+        """Observations of every earlier rollout (distill_on: all only; float16 to halve the memory)."""
 
     def _excluded_save_params(self) -> list[str]:
         # the samples travel in the checkpoint's state (rpp.agents.train), not in SB3's zip
-        return [*super()._excluded_save_params(), "evidence", "evidence_rng"]
+        return [*super()._excluded_save_params(), "evidence", "evidence_rng", "past_obs"]
 
     def evidence_state(self) -> dict[str, Any]:
-        return {"samples": self.evidence.state(), "rng": self.evidence_rng.bit_generator.state}
+        return {"samples": self.evidence.state(), "rng": self.evidence_rng.bit_generator.state,
+                "past_obs": self.past_obs}
 
     def load_evidence_state(self, state: dict[str, Any]) -> None:
         self.evidence.load_state(state["samples"])
         self.evidence_rng.bit_generator.state = state["rng"]
+        self.past_obs = state.get("past_obs", self.past_obs)
 
     def train(self) -> None:
         super().train()
@@ -247,18 +254,28 @@ class EvidencePPO(PPO):
         coef, epochs = self.evidence_config["coef"], self.evidence_config["epochs"]
         if coef <= 0:
             return
+        pool = np.concatenate([obs, self.past_obs.astype(np.float32)]) if len(self.past_obs) else obs
         targets = [th.as_tensor(p, device=self.device)
-                   for p in self.evidence.choice_probs(obs[:, self.feature_row], self.evidence_rng)]
-        obs_t = th.as_tensor(obs, dtype=th.float32, device=self.device)
+                   for p in self.evidence.choice_probs(pool[:, self.feature_row], self.evidence_rng)]
+        obs_t = th.as_tensor(pool, dtype=th.float32, device=self.device)
         losses = []
         for _ in range(epochs):
-            loss = sum(-(tgt * th.log_softmax(lg, dim=-1)).sum(-1).mean()
-                       for tgt, lg in zip(targets, self.policy.agent_logits(obs_t), strict=True))
+            # the rollout's observations, plus as many drawn from earlier rollouts (distill_on: all)
+            rows = np.arange(len(obs))
+            if len(pool) > len(obs):
+                extra = self.evidence_rng.choice(np.arange(len(obs), len(pool)),
+                                                 size=min(len(obs), len(pool) - len(obs)), replace=False)
+                rows = np.concatenate([rows, extra])
+            rows_t = th.as_tensor(rows, device=self.device)
+            loss = sum(-(tgt[rows_t] * th.log_softmax(lg, dim=-1)).sum(-1).mean()
+                       for tgt, lg in zip(targets, self.policy.agent_logits(obs_t[rows_t]), strict=True))
             loss = coef * loss
             self.policy.optimizer.zero_grad()
             loss.backward()
             th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
             self.policy.optimizer.step()
             losses.append(float(loss.item()))
+        if self.evidence_config.get("distill_on") == "all":
+            self.past_obs = np.concatenate([self.past_obs, obs.astype(np.float16)])
         self.logger.record("train/evidence_loss", float(np.mean(losses)))
         self.logger.record("train/evidence_samples", len(self.evidence))
