@@ -30,7 +30,7 @@ $(DEPS): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-# The real OpenAI-compatible server for the server backend's tests (compiles llama.cpp, ~3 min, once).
+# The real OpenAI-compatible server for the server backend's tests (compiles llama.cpp, 3-10 min by CPU, once).
 # Built here, never taken from pip's wheel cache (--no-cache-dir): it compiles with -march=native, so a wheel
 # cached by a machine with other CPU extensions (AVX-512, AMX) would crash this one at its first request.
 $(SERVER): $(DEPS)
