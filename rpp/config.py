@@ -187,8 +187,8 @@ class EvidenceConfig(_Section):
     """Whose observations each of those steps pulls toward the evidence: the rollout's (rollout), or the rollout's
     plus as many drawn from every earlier rollout of the run (all: users seen rollouts ago, a rare genre's few
     among them, keep being pulled; the observations are kept in float16 and saved with the checkpoint). An option
-    only: on three planted seeds it served the 4-group rule's smallest group better but lost a mid-size group on
-    one, passing no more runs (experiments/results/planted.md, variant replay)."""
+    only: on six planted seeds of the 4-group rule it passed as many runs as the default (4 of 6), serving the
+    smallest group better on some and a mid-size group worse on one (experiments/results/planted.md, replay)."""
     prior_sd: float = Field(0.03, gt=0)
     """Prior standard deviation of each weight (features are in [-1, 1]; rewards are NDCG differences). 0.03 and
     noise_sd 0.1 did best on the planted check (experiments/results/planted-tuning.md)."""

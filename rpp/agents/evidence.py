@@ -21,7 +21,8 @@ what the bandit had: a memory of all evidence.
   while the evidence is thin, sharp once it is not). The critic is untouched.
 - train.evidence.distill_on: all (an option) pulls, at each of those steps, the rollout's users plus as many drawn
   from every earlier rollout, so users seen long ago keep being pulled toward the evidence; it served the planted
-  check's smallest group better but passed no more runs (experiments/results/planted.md, variant replay).
+  check's smallest group better on some seeds but passed no more runs over six (experiments/results/planted.md,
+  variant replay).
 - ``JointEvidenceModel`` (train.evidence.model: joint): ONE such model over all agents' choices together, each
   agent credited with its own part of the reward. It serves the planted check's smallest group somewhat better
   but passes fewer runs than the per-agent model, which stays the default (experiments/results/planted.md).
