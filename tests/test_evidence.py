@@ -180,6 +180,29 @@ def test_the_pull_moves_each_agent_toward_the_evidence():
     assert pooled > max(0.6, plain + 0.2), (plain, pooled)
 
 
+def test_distill_on_all_pulls_earlier_rollouts_users_too(monkeypatch):
+    """train.evidence.distill_on: all: each distillation step sees the rollout's observations plus as many of the
+    earlier rollouts' (marked here in a slot the environment never fills), and the rollout joins them afterwards."""
+    env = DummyVecEnv([KnownRewardEnv for _ in range(4)])
+    env.seed(0)
+    model = EvidencePPO(FourAgentPolicy, env, n_steps=4, batch_size=16, n_epochs=1, gamma=0.0, seed=0,
+                        policy_kwargs=dict(hidden_size=8),
+                        evidence=EvidenceConfig(coef=1.0, epochs=3, distill_on="all"))
+    model.learn(total_timesteps=16)
+    assert len(model.past_obs) == 16
+    marked = model.past_obs.copy()
+    marked[:, 1, 3] = 7.0
+    model.past_obs = marked
+    seen = []
+    logits = model.policy.agent_logits
+    monkeypatch.setattr(model.policy, "agent_logits", lambda obs: seen.append(obs.detach().clone()) or logits(obs))
+    model.learn(total_timesteps=16, reset_num_timesteps=False)
+    distilled = [o for o in seen if len(o) == 32]  # PPO's own minibatches hold 16
+    assert len(distilled) == 3, [len(o) for o in seen]
+    assert all(int((o[:, 1, 3] == 7.0).sum()) == 16 for o in distilled)
+    assert len(model.past_obs) == 32
+
+
 @pytest.mark.parametrize("distill_on", ["rollout", "all"])
 def test_resume_continues_with_the_same_evidence_and_parameters(tmp_path, distill_on):
     from rpp.agents import train

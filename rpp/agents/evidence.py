@@ -255,7 +255,8 @@ class EvidencePPO(PPO):
         coef, epochs = self.evidence_config["coef"], self.evidence_config["epochs"]
         if coef <= 0:
             return
-        pool = np.concatenate([obs, self.past_obs.astype(np.float32)]) if len(self.past_obs) else obs
+        replay = self.evidence_config.get("distill_on") == "all"
+        pool = np.concatenate([obs, self.past_obs.astype(np.float32)]) if replay and len(self.past_obs) else obs
         targets = [th.as_tensor(p, device=self.device)
                    for p in self.evidence.choice_probs(pool[:, self.feature_row], self.evidence_rng)]
         obs_t = th.as_tensor(pool, dtype=th.float32, device=self.device)
@@ -276,7 +277,7 @@ class EvidencePPO(PPO):
             th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
             self.policy.optimizer.step()
             losses.append(float(loss.item()))
-        if self.evidence_config.get("distill_on") == "all":
+        if replay:
             self.past_obs = np.concatenate([self.past_obs, obs.astype(np.float16)])
         self.logger.record("train/evidence_loss", float(np.mean(losses)))
         self.logger.record("train/evidence_samples", len(self.evidence))
