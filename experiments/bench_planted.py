@@ -58,12 +58,22 @@ VARIANTS = {
                  "columns (the dominant genre; train.evidence.category_prior_sd): each genre's own deviation is "
                  "learnt from that genre's few users instead of being shrunk away: the learner now in ml100k.yaml",
                  ["train.evidence.coef=1", "train.evidence.model=per_agent", "train.evidence.category_prior_sd=0.1",
-                  "train.evidence.distill_on=rollout"], True),
+                  "train.evidence.distill_on=rollout", "train.evidence.explore=0"], True),
     "replay": ("category, with each distillation step pulling the rollout's users plus as many drawn from every "
                "earlier rollout toward the evidence (train.evidence.distill_on: all), so that users seen rollouts "
                "ago, a rare genre's few among them, keep being pulled",
                ["train.evidence.coef=1", "train.evidence.model=per_agent", "train.evidence.category_prior_sd=0.1",
                 "train.evidence.distill_on=all"], True),
+    "explore": ("category, with the rollouts' actions drawn half from the actors and half from the evidence's "
+                "Thompson choice probabilities (train.evidence.explore: 0.5), so that users whose evidence is thin "
+                "are explored like a bandit explores them; PPO weighs those samples by actor / behaviour probability",
+                ["train.evidence.coef=1", "train.evidence.model=per_agent", "train.evidence.category_prior_sd=0.1",
+                 "train.evidence.distill_on=rollout", "train.evidence.explore=0.5"], True),
+    "explore_all": ("explore with every rollout action drawn from the evidence's choice probabilities "
+                    "(train.evidence.explore: 1): the actors learn from the evidence only",
+                    ["train.evidence.coef=1", "train.evidence.model=per_agent",
+                     "train.evidence.category_prior_sd=0.1", "train.evidence.distill_on=rollout",
+                     "train.evidence.explore=1"], True),
 }
 
 

@@ -189,6 +189,11 @@ class EvidenceConfig(_Section):
     among them, keep being pulled; the observations are kept in float16 and saved with the checkpoint). An option
     only: on six planted seeds of the 4-group rule it passed as many runs as the default (4 of 6), serving the
     smallest group better on some and a mid-size group worse on one (experiments/results/planted.md, replay)."""
+    explore: float = Field(0.0, ge=0, le=1)
+    """Share of the evidence in the rollouts' actions: each agent's action is drawn from (1 - explore) * its
+    actor's probabilities + explore * the evidence's Thompson choice probabilities for the user (broad where the
+    user's evidence is thin, sharp where it is not), and PPO weighs each sample by actor / behaviour probability.
+    0: the actors alone choose (PPO's own on-policy rollouts)."""
     prior_sd: float = Field(0.03, gt=0)
     """Prior standard deviation of each weight (features are in [-1, 1]; rewards are NDCG differences). 0.03 and
     noise_sd 0.1 did best on the planted check (experiments/results/planted-tuning.md)."""

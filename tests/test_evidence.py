@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch as th
 from gymnasium import spaces
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import DummyVecEnv
 from test_agents_train import PromptHashRanker, tiny_cfg
 
@@ -203,13 +204,47 @@ def test_distill_on_all_pulls_earlier_rollouts_users_too(monkeypatch):
     assert len(model.past_obs) == 32
 
 
-@pytest.mark.parametrize("distill_on", ["rollout", "all"])
-def test_resume_continues_with_the_same_evidence_and_parameters(tmp_path, distill_on):
+def test_explore_draws_the_rollouts_actions_from_the_actors_mixed_with_the_evidence(monkeypatch):
+    """train.evidence.explore: 0.5: each agent's rollout action comes from 0.5 * actor + 0.5 * the evidence's
+    choice probabilities, and the buffer holds THAT distribution's log-probability (PPO's ratio is then actor over
+    behaviour); the policy samples from its actors again once the rollout is over."""
+    env = DummyVecEnv([KnownRewardEnv for _ in range(4)])
+    env.seed(0)
+    model = EvidencePPO(FourAgentPolicy, env, n_steps=4, batch_size=16, n_epochs=1, gamma=0.0, seed=0,
+                        policy_kwargs=dict(hidden_size=8), evidence=EvidenceConfig(coef=1.0, epochs=1, explore=0.5))
+    fixed = [np.full(n, 1 / n, dtype=np.float32) for n in (2, 3, 2, 2)]
+    fixed[1] = np.array([0, 0, 1], dtype=np.float32)  # the evidence is sure: agent 1's action 2 for every user
+    monkeypatch.setattr(model.evidence, "choice_probs", lambda x, rng: [np.tile(f, (len(x), 1)) for f in fixed])
+    seen = {}
+
+    class Capture(BaseCallback):
+        def _on_step(self) -> bool:
+            seen["behavior_set"] = self.model.policy.behavior is not None
+            return True
+
+        def _on_rollout_end(self) -> None:  # after the rollout, before the update changes the actors
+            buf = self.model.rollout_buffer
+            seen.update(actions=buf.actions.reshape(-1, 4).astype(int), log_probs=buf.log_probs.reshape(-1).copy(),
+                        actor=self.model.policy.agent_probs(buf.observations.reshape(-1, 3, 4)))
+
+    model.learn(total_timesteps=16, callback=Capture())
+    actions, actor, rows = seen["actions"], seen["actor"], np.arange(16)
+    behaviour = [0.5 * actor[i][rows, actions[:, i]] + 0.5 * fixed[i][actions[:, i]] for i in range(4)]
+    np.testing.assert_allclose(seen["log_probs"], np.log(behaviour).sum(axis=0), rtol=1e-4)
+    assert (actions[:, 1] == 2).mean() > actor[1][:, 2].mean() + 0.3, (actions[:, 1], actor[1][:, 2].mean())
+    assert seen["behavior_set"] and model.policy.behavior is None
+    # deterministic actions (evaluation, serving) never use the behaviour
+    assert model.policy.forward(th.zeros(2, 3, 4), deterministic=True)[0].shape == (2, 4)
+
+
+@pytest.mark.parametrize("distill_on,explore", [("rollout", 0.0), ("all", 0.0), ("rollout", 0.5)])
+def test_resume_continues_with_the_same_evidence_and_parameters(tmp_path, distill_on, explore):
     from rpp.agents import train
     from rpp.agents.checkpoints import latest_checkpoint, load_state
     from rpp.agents.serving import load_algorithm
 
-    evidence = ("train.evidence.coef=1", "train.evidence.epochs=3", f"train.evidence.distill_on={distill_on}")
+    evidence = ("train.evidence.coef=1", "train.evidence.epochs=3", f"train.evidence.distill_on={distill_on}",
+                f"train.evidence.explore={explore}")
     ranker = PromptHashRanker()
     straight = train(tiny_cfg(tmp_path, "straight", "train.total_steps=16", *evidence), ranker=ranker,
                      progress=False)

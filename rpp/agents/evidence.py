@@ -19,6 +19,10 @@ what the bandit had: a memory of all evidence.
   the actors take `epochs` extra gradient steps of coef * cross-entropy(choice_probs, pi_agent) on the rollout's
   observations, so each agent's policy matches the pooled evidence for these users (probability matching: broad
   while the evidence is thin, sharp once it is not). The critic is untouched.
+- train.evidence.explore (an option): the rollouts' actions are drawn from each actor mixed with the evidence's
+  choice probabilities, so that users whose evidence is thin (a rare genre's few) are explored the way a
+  Thompson-sampling bandit would explore them, and not only as far as an actor fit mostly on other users does;
+  PPO's update weighs those samples by actor / behaviour probability.
 - train.evidence.distill_on: all (an option) pulls, at each of those steps, the rollout's users plus as many drawn
   from every earlier rollout, so users seen long ago keep being pulled toward the evidence; it served the planted
   check's smallest group better on some seeds but passed no more runs over six (experiments/results/planted.md,
@@ -241,6 +245,24 @@ class EvidencePPO(PPO):
         self.evidence.load_state(state["samples"])
         self.evidence_rng.bit_generator.state = state["rng"]
         self.past_obs = state.get("past_obs", self.past_obs)
+
+    def collect_rollouts(self, *args, **kwargs) -> bool:
+        """SB3's rollouts; with evidence.explore > 0 the actions are drawn from the actors mixed with the
+        evidence's choice probabilities (FourAgentPolicy.behavior), only while collecting."""
+        if self.evidence_config.get("explore", 0.0) <= 0:
+            return super().collect_rollouts(*args, **kwargs)
+        self.policy.behavior = self._behavior
+        try:
+            return super().collect_rollouts(*args, **kwargs)
+        finally:
+            self.policy.behavior = None
+
+    def _behavior(self, obs: th.Tensor, actor_probs: list[th.Tensor]) -> list[th.Tensor]:
+        share = self.evidence_config["explore"]
+        rows = obs.reshape(len(obs), *self.observation_space.shape)[:, self.feature_row].cpu().numpy()
+        evidence = self.evidence.choice_probs(rows, self.evidence_rng)
+        return [(1 - share) * p + share * th.as_tensor(q, dtype=p.dtype, device=p.device)
+                for p, q in zip(actor_probs, evidence, strict=True)]
 
     def train(self) -> None:
         super().train()

@@ -156,6 +156,24 @@ class FourAgentPolicy(ActorCriticPolicy):
         kwargs.setdefault("features_extractor_class", FlattenExtractor)  # parameter-free; we reshape back to rows
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)
 
+    behavior = None
+    """Set by rpp.agents.evidence.EvidencePPO during its rollouts only (train.evidence.explore): a callable
+    (obs, per-agent actor probabilities) -> per-agent probabilities to sample the rollout's actions from. None (and
+    always for deterministic actions): SB3's forward, sampling from the actors."""
+
+    def forward(self, obs: th.Tensor, deterministic: bool = False) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+        """SB3's forward (actions, values, log-probabilities), or, while `behavior` is set, actions drawn per agent
+        from the behaviour distribution with ITS log-probability: PPO's ratio is then the actors' probability over
+        the behaviour's (importance weighting), clipped as usual."""
+        if self.behavior is None or deterministic:
+            return super().forward(obs, deterministic)
+        latent_pi, latent_vf = self.mlp_extractor(self.extract_features(obs))
+        probs = [th.softmax(lg, dim=-1) for lg in th.split(self.action_net(latent_pi), self.nvec, dim=-1)]
+        dists = [th.distributions.Categorical(probs=p) for p in self.behavior(obs, probs)]
+        actions = th.stack([d.sample() for d in dists], dim=-1)
+        log_prob = sum(d.log_prob(a) for d, a in zip(dists, actions.unbind(-1), strict=True))
+        return actions, self.value_net(latent_vf), log_prob
+
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
         data.update(hidden_size=self.hidden_size, context_rows=self.context_rows)
