@@ -68,12 +68,18 @@ VARIANTS = {
                 "Thompson choice probabilities (train.evidence.explore: 0.5), so that users whose evidence is thin "
                 "are explored like a bandit explores them; PPO weighs those samples by actor / behaviour probability",
                 ["train.evidence.coef=1", "train.evidence.model=per_agent", "train.evidence.category_prior_sd=0.1",
-                 "train.evidence.distill_on=rollout", "train.evidence.explore=0.5"], True),
+                 "train.evidence.distill_on=rollout", "train.evidence.explore=0.5",
+                 "train.evidence.explore_beta=1"], True),
+    "top_two": ("explore with top-two sampling for the evidence's half (train.evidence.explore_beta: 0.5): half "
+                "of those draws go to each user's probable runner-up actions, which identifying the best one needs",
+                ["train.evidence.coef=1", "train.evidence.model=per_agent", "train.evidence.category_prior_sd=0.1",
+                 "train.evidence.distill_on=rollout", "train.evidence.explore=0.5",
+                 "train.evidence.explore_beta=0.5"], True),
     "explore_all": ("explore with every rollout action drawn from the evidence's choice probabilities "
                     "(train.evidence.explore: 1): the actors learn from the evidence only",
                     ["train.evidence.coef=1", "train.evidence.model=per_agent",
                      "train.evidence.category_prior_sd=0.1", "train.evidence.distill_on=rollout",
-                     "train.evidence.explore=1"], True),
+                     "train.evidence.explore=1", "train.evidence.explore_beta=1"], True),
 }
 
 

@@ -211,11 +211,17 @@ def test_explore_draws_the_rollouts_actions_from_the_actors_mixed_with_the_evide
     env = DummyVecEnv([KnownRewardEnv for _ in range(4)])
     env.seed(0)
     model = EvidencePPO(FourAgentPolicy, env, n_steps=4, batch_size=16, n_epochs=1, gamma=0.0, seed=0,
-                        policy_kwargs=dict(hidden_size=8), evidence=EvidenceConfig(coef=1.0, epochs=1, explore=0.5))
+                        policy_kwargs=dict(hidden_size=8),
+                        evidence=EvidenceConfig(coef=1.0, epochs=1, explore=0.5, explore_beta=0.7))
     fixed = [np.full(n, 1 / n, dtype=np.float32) for n in (2, 3, 2, 2)]
     fixed[1] = np.array([0, 0, 1], dtype=np.float32)  # the evidence is sure: agent 1's action 2 for every user
-    monkeypatch.setattr(model.evidence, "choice_probs", lambda x, rng: [np.tile(f, (len(x), 1)) for f in fixed])
-    seen = {}
+    seen = {"betas": set()}
+
+    def choice_probs(x, rng, beta=1.0):
+        seen["betas"].add(beta)
+        return [np.tile(f, (len(x), 1)) for f in fixed]
+
+    monkeypatch.setattr(model.evidence, "choice_probs", choice_probs)
 
     class Capture(BaseCallback):
         def _on_step(self) -> bool:
@@ -233,8 +239,21 @@ def test_explore_draws_the_rollouts_actions_from_the_actors_mixed_with_the_evide
     np.testing.assert_allclose(seen["log_probs"], np.log(behaviour).sum(axis=0), rtol=1e-4)
     assert (actions[:, 1] == 2).mean() > actor[1][:, 2].mean() + 0.3, (actions[:, 1], actor[1][:, 2].mean())
     assert seen["behavior_set"] and model.policy.behavior is None
+    assert 0.7 in seen["betas"]  # the rollout's draws use explore_beta (the distillation targets: beta 1)
     # deterministic actions (evaluation, serving) never use the behaviour
     assert model.policy.forward(th.zeros(2, 3, 4), deterministic=True)[0].shape == (2, 4)
+
+
+def test_top_two_shares_give_the_runner_up_its_part():
+    """_best_shares: the share of draws in which each action is best; with beta < 1, beta of that plus 1 - beta of
+    the share in which it comes second (top-two sampling)."""
+    from rpp.agents.evidence import _best_shares
+
+    scores = np.array([[[3, 2, 1], [3, 1, 2], [1, 3, 2], [3, 2, 1]]], dtype=float)  # 1 row, 4 draws, 3 actions
+    np.testing.assert_allclose(_best_shares(scores), [[0.75, 0.25, 0.0]])
+    # seconds: action 1 in draws 0 and 3, action 2 in draws 1 and 2
+    np.testing.assert_allclose(_best_shares(scores, 0.5), [[0.5 * 0.75, 0.5 * 0.25 + 0.5 * 0.5, 0.5 * 0.5]])
+    assert _best_shares(scores, 0.5).sum() == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("distill_on,explore", [("rollout", 0.0), ("all", 0.0), ("rollout", 0.5)])

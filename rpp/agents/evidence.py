@@ -22,7 +22,10 @@ what the bandit had: a memory of all evidence.
 - train.evidence.explore (an option): the rollouts' actions are drawn from each actor mixed with the evidence's
   choice probabilities, so that users whose evidence is thin (a rare genre's few) are explored the way a
   Thompson-sampling bandit would explore them, and not only as far as an actor fit mostly on other users does;
-  PPO's update weighs those samples by actor / behaviour probability.
+  PPO's update weighs those samples by actor / behaviour probability. With explore_beta < 1 those draws use
+  top-two sampling (a probable runner-up is tried too). Neither is the default: on the planted check's 4-group
+  rule they passed no more runs than the actors' own rollouts (experiments/results/planted.md, variants explore
+  and top_two); the rarest genres stay short of samples either way.
 - train.evidence.distill_on: all (an option) pulls, at each of those steps, the rollout's users plus as many drawn
   from every earlier rollout, so users seen long ago keep being pulled toward the evidence; it served the planted
   check's smallest group better on some seeds but passed no more runs over six (experiments/results/planted.md,
@@ -114,9 +117,10 @@ class EvidenceModel:
             self._posterior = out
         return self._posterior
 
-    def choice_probs(self, x: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
+    def choice_probs(self, x: np.ndarray, rng: np.random.Generator, beta: float = 1.0) -> list[np.ndarray]:
         """Per agent, [N, n_actions]: the share of posterior draws in which each action predicts the highest reward
-        for each feature row (Thompson sampling's choice probabilities)."""
+        for each feature row (Thompson sampling's choice probabilities); beta < 1: top-two sampling's, beta * that
+        share + (1 - beta) * the share of draws in which the action comes second (see _best_shares)."""
         design = self._design(np.asarray(x).reshape(-1, self.dim))
         out = []
         for per_action in self.posterior():
@@ -124,7 +128,7 @@ class EvidenceModel:
             for mean, chol in per_action:
                 w = mean[None, :] + rng.standard_normal((self.draws, len(mean))) @ chol.T  # [draws, d + 1]
                 scores.append(design @ w.T)  # [N, draws]
-            out.append(_best_shares(np.stack(scores, axis=-1)))
+            out.append(_best_shares(np.stack(scores, axis=-1), beta))
         return out
 
     def state(self) -> dict[str, Any]:
@@ -186,17 +190,25 @@ class JointEvidenceModel(EvidenceModel):
         return [np.einsum("nd,adk->nka", z, w[start[i]:start[i + 1]].reshape(n, z.shape[1], -1))
                 for i, n in enumerate(self.nvec)]
 
-    def choice_probs(self, x: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
+    def choice_probs(self, x: np.ndarray, rng: np.random.Generator, beta: float = 1.0) -> list[np.ndarray]:
         _, mean, chol = self.posterior()
         noise = rng.standard_normal((len(mean), self.draws))
         w = mean[:, None] + solve_triangular(chol.T, noise, lower=False)  # draws from N(mean, precision^-1)
-        return [_best_shares(scores) for scores in self._scores(x, w)]
+        return [_best_shares(scores, beta) for scores in self._scores(x, w)]
 
 
-def _best_shares(scores: np.ndarray) -> np.ndarray:
-    """[N, draws, n_actions] predicted rewards -> [N, n_actions]: the share of draws in which each action is best."""
-    best = scores.argmax(axis=-1)
-    return np.stack([(best == a).mean(axis=1) for a in range(scores.shape[-1])], axis=-1).astype(np.float32)
+def _best_shares(scores: np.ndarray, beta: float = 1.0) -> np.ndarray:
+    """[N, draws, n_actions] predicted rewards -> [N, n_actions]: the share of draws in which each action is best;
+    beta < 1: beta * that + (1 - beta) * the share in which it is second best (top-two Thompson sampling, Russo
+    2016, with the runner-up taken from the same draw): the runner-ups keep being tried, which is what finding
+    the best action needs, where plain Thompson sampling soon stops trying an action that is probably second."""
+    order = np.argsort(-scores, axis=-1)
+    n = scores.shape[-1]
+    best = np.stack([(order[..., 0] == a).mean(axis=1) for a in range(n)], axis=-1)
+    if beta < 1 and n > 1:
+        second = np.stack([(order[..., 1] == a).mean(axis=1) for a in range(n)], axis=-1)
+        best = beta * best + (1 - beta) * second
+    return best.astype(np.float32)
 
 
 def _chol_solve(chol: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -260,7 +272,7 @@ class EvidencePPO(PPO):
     def _behavior(self, obs: th.Tensor, actor_probs: list[th.Tensor]) -> list[th.Tensor]:
         share = self.evidence_config["explore"]
         rows = obs.reshape(len(obs), *self.observation_space.shape)[:, self.feature_row].cpu().numpy()
-        evidence = self.evidence.choice_probs(rows, self.evidence_rng)
+        evidence = self.evidence.choice_probs(rows, self.evidence_rng, self.evidence_config.get("explore_beta", 1.0))
         return [(1 - share) * p + share * th.as_tensor(q, dtype=p.dtype, device=p.device)
                 for p, q in zip(actor_probs, evidence, strict=True)]
 
