@@ -474,6 +474,14 @@ class Config(_Section):
         if self.train.evidence.coef > 0 and self.train.algo != "ppo":
             raise ValueError(f"train.evidence (coef {self.train.evidence.coef}) extends PPO; train.algo is "
                              f"{self.train.algo!r}: set train.algo=ppo or train.evidence.coef=0")
+        ev = self.train.evidence
+        if ev.explore > 0 and ev.coef <= 0:
+            raise ValueError(f"train.evidence.explore={ev.explore} draws rollout actions from the evidence model, "
+                             "which runs only with train.evidence.coef > 0: set train.evidence.coef=1 or "
+                             "train.evidence.explore=0")
+        if ev.explore_beta < 1 and ev.explore <= 0:
+            raise ValueError(f"train.evidence.explore_beta={ev.explore_beta} shapes the exploration draws, which "
+                             "happen only with train.evidence.explore > 0: set train.evidence.explore too")
         return self
 
     @property

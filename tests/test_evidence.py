@@ -292,6 +292,17 @@ def test_resume_continues_with_the_same_evidence_and_parameters(tmp_path, distil
         assert th.equal(a, b), name
 
 
+def test_explore_settings_that_would_do_nothing_are_refused():
+    """explore needs the evidence model (coef > 0), explore_beta needs explore: otherwise they would silently
+    change nothing."""
+    with pytest.raises(ConfigError, match="coef > 0"):
+        load_config(None, ["train.evidence.explore=0.5"])
+    with pytest.raises(ConfigError, match="explore > 0"):
+        load_config(None, ["train.evidence.coef=1", "train.evidence.explore_beta=0.5"])
+    cfg = load_config(None, ["train.evidence.coef=1", "train.evidence.explore=0.5", "train.evidence.explore_beta=0.5"])
+    assert cfg.train.evidence.explore_beta == 0.5
+
+
 def test_evidence_pooling_is_refused_for_a2c():
     """train.evidence extends PPO's update; with A2C it would silently do nothing, so the config says so."""
     with pytest.raises(ConfigError, match="extends PPO"):
