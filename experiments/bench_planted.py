@@ -33,6 +33,10 @@ NO_POOLING = ["train.evidence.coef=0"]
 OLD_SETTINGS = ["train.learning_rate=0.003", "train.ent_coef=0.001", "train.ent_coef_final=null", "train.gamma=0.9",
                 "train.n_epochs=4", "train.batch_size=24", *NO_POOLING]
 """ml100k.yaml's PPO settings before the learner was fixed."""
+CATEGORY = ["train.evidence.coef=1", "train.evidence.model=per_agent", "train.evidence.category_prior_sd=0.1",
+            "train.evidence.distill_on=rollout", "train.evidence.explore=0"]
+"""The learner now in ml100k.yaml (variant category), every evidence setting pinned; the variants after it change
+some of them (a later override wins)."""
 
 VARIANTS = {
     # name: (description, overrides on top of the config, user row in the observation)
@@ -57,29 +61,21 @@ VARIANTS = {
     "category": ("pooled with a wider prior (sd 0.1 instead of 0.03) on the weights of the user row's one-hot "
                  "columns (the dominant genre; train.evidence.category_prior_sd): each genre's own deviation is "
                  "learnt from that genre's few users instead of being shrunk away: the learner now in ml100k.yaml",
-                 ["train.evidence.coef=1", "train.evidence.model=per_agent", "train.evidence.category_prior_sd=0.1",
-                  "train.evidence.distill_on=rollout", "train.evidence.explore=0"], True),
+                 CATEGORY, True),
     "replay": ("category, with each distillation step pulling the rollout's users plus as many drawn from every "
                "earlier rollout toward the evidence (train.evidence.distill_on: all), so that users seen rollouts "
                "ago, a rare genre's few among them, keep being pulled",
-               ["train.evidence.coef=1", "train.evidence.model=per_agent", "train.evidence.category_prior_sd=0.1",
-                "train.evidence.distill_on=all"], True),
+               [*CATEGORY, "train.evidence.distill_on=all"], True),
     "explore": ("category, with the rollouts' actions drawn half from the actors and half from the evidence's "
                 "Thompson choice probabilities (train.evidence.explore: 0.5), so that users whose evidence is thin "
                 "are explored like a bandit explores them; PPO weighs those samples by actor / behaviour probability",
-                ["train.evidence.coef=1", "train.evidence.model=per_agent", "train.evidence.category_prior_sd=0.1",
-                 "train.evidence.distill_on=rollout", "train.evidence.explore=0.5",
-                 "train.evidence.explore_beta=1"], True),
+                [*CATEGORY, "train.evidence.explore=0.5", "train.evidence.explore_beta=1"], True),
     "top_two": ("explore with top-two sampling for the evidence's half (train.evidence.explore_beta: 0.5): half "
                 "of those draws go to each user's probable runner-up actions, which identifying the best one needs",
-                ["train.evidence.coef=1", "train.evidence.model=per_agent", "train.evidence.category_prior_sd=0.1",
-                 "train.evidence.distill_on=rollout", "train.evidence.explore=0.5",
-                 "train.evidence.explore_beta=0.5"], True),
+                [*CATEGORY, "train.evidence.explore=0.5", "train.evidence.explore_beta=0.5"], True),
     "explore_all": ("explore with every rollout action drawn from the evidence's choice probabilities "
                     "(train.evidence.explore: 1): the actors learn from the evidence only",
-                    ["train.evidence.coef=1", "train.evidence.model=per_agent",
-                     "train.evidence.category_prior_sd=0.1", "train.evidence.distill_on=rollout",
-                     "train.evidence.explore=1", "train.evidence.explore_beta=1"], True),
+                    [*CATEGORY, "train.evidence.explore=1", "train.evidence.explore_beta=1"], True),
 }
 
 
