@@ -34,7 +34,7 @@ OLD_SETTINGS = ["train.learning_rate=0.003", "train.ent_coef=0.001", "train.ent_
                 "train.n_epochs=4", "train.batch_size=24", *NO_POOLING]
 """ml100k.yaml's PPO settings before the learner was fixed."""
 CATEGORY = ["train.evidence.coef=1", "train.evidence.model=per_agent", "train.evidence.category_prior_sd=0.1",
-            "train.evidence.distill_on=rollout", "train.evidence.explore=0"]
+            "train.evidence.distill_on=rollout", "train.evidence.explore=0", "train.evidence.noise_sd=0.1"]
 """The learner now in ml100k.yaml (variant category), every evidence setting pinned; the variants after it change
 some of them (a later override wins)."""
 
@@ -76,6 +76,20 @@ VARIANTS = {
     "explore_all": ("explore with every rollout action drawn from the evidence's choice probabilities "
                     "(train.evidence.explore: 1): the actors learn from the evidence only",
                     [*CATEGORY, "train.evidence.explore=1", "train.evidence.explore_beta=1"], True),
+    "wide_noise": ("category with a wider assumed reward noise around each agent's model (train.evidence.noise_sd: "
+                   "0.3 instead of 0.1): the per-agent model counts the partners' choices as noise, which moves a "
+                   "step's reward by up to 0.3, so one unlucky sample no longer rules out a rare genre's best action",
+                   [*CATEGORY, "train.evidence.noise_sd=0.3"], True),
+    "wide_explore": ("wide_noise with every rollout action drawn from the evidence's choice probabilities "
+                     "(train.evidence.explore: 1), as the evidence model alone explores "
+                     "(experiments/evidence_bandit.py)",
+                     [*CATEGORY, "train.evidence.noise_sd=0.3", "train.evidence.explore=1",
+                      "train.evidence.explore_beta=1"], True),
+    "wide_replay": ("wide_explore with each distillation step pulling every earlier rollout's users too "
+                    "(train.evidence.distill_on: all), so the actors keep matching the evidence for a rare genre's "
+                    "few users",
+                    [*CATEGORY, "train.evidence.noise_sd=0.3", "train.evidence.explore=1",
+                     "train.evidence.explore_beta=1", "train.evidence.distill_on=all"], True),
 }
 
 
