@@ -139,9 +139,27 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+REFERENCE = "category"
+"""The variant every other one is compared with, seed by seed (the learner in ml100k.yaml)."""
+
+
+def paired_difference(rows: list[dict], variant: str, groups: int) -> str:
+    """Mean, range and count of the per-seed difference in users optimal from REFERENCE on the seeds both ran:
+    learners that differ only in their settings share a seed's users and nearly all of its first rollout
+    (experiments/compare_rollouts.py), so they are compared on the same seeds."""
+    reference = {r["seed"]: r["optimal_share"] for r in rows if r["variant"] == REFERENCE and r["groups"] == groups}
+    diffs = [r["optimal_share"] - reference[r["seed"]] for r in rows
+             if r["variant"] == variant and r["groups"] == groups and r["seed"] in reference]
+    if variant == REFERENCE or not diffs:
+        return "-"
+    if len(diffs) == 1:
+        return f"{diffs[0]:+.3f} (1 seed)"
+    return f"{np.mean(diffs):+.3f} ({min(diffs):+.3f} .. {max(diffs):+.3f}, {len(diffs)} seeds)"
+
+
 def summary(rows: list[dict]) -> str:
-    lines = ["| variant | groups | seeds passed | mean users optimal | mean NDCG / oracle | bandit told group | "
-             "bandit told genre |", "|---|---|---|---|---|---|---|"]
+    lines = ["| variant | groups | seeds passed | mean users optimal | mean NDCG / oracle | users optimal minus "
+             f"{REFERENCE}'s, same seeds | bandit told group | bandit told genre |", "|---|---|---|---|---|---|---|---|"]
     keys = sorted({(r["variant"], r["groups"]) for r in rows}, key=lambda k: (list(VARIANTS).index(k[0]), k[1]))
     for v, g in keys:
         sel = [r for r in rows if r["variant"] == v and r["groups"] == g]
@@ -149,7 +167,7 @@ def summary(rows: list[dict]) -> str:
         told_genre = f"{np.mean(genre):.3f}" if genre else "-"
         lines.append(f"| {v} | {g} | {sum(r['passed'] for r in sel)} / {len(sel)} | "
                      f"{np.mean([r['optimal_share'] for r in sel]):.3f} | "
-                     f"{np.mean([r['ndcg_vs_oracle'] for r in sel]):.3f} | "
+                     f"{np.mean([r['ndcg_vs_oracle'] for r in sel]):.3f} | {paired_difference(rows, v, g)} | "
                      f"{np.mean([r['bandit_told_group'] for r in sel]):.3f} | {told_genre} |")
     return "\n".join(lines)
 

@@ -211,7 +211,11 @@ class EvidenceConfig(_Section):
     30 / 0 / 60% of its users to 47 / 67 / 84%, and the runs passing from 3 to 5 of 6
     (experiments/results/planted.md). null: prior_sd for every column."""
     noise_sd: float = Field(0.1, gt=0)
-    """Assumed standard deviation of a step reward around the model (the other agents' choices included)."""
+    """Assumed standard deviation of a step reward around the model (the other agents' choices included). The
+    per-agent model counts the partners' choices as noise, which moves a step's reward by up to about 0.3: under
+    0.1 one rare-genre sample with a wrong partner can rule an action out for that genre for good; 0.3 kept it in
+    play for the evidence model alone (experiments/evidence_bandit.py) but gave the learner no more than 0.1 on
+    the planted check (experiments/results/planted.md, variants wide_*)."""
     draws: int = Field(64, ge=1)
     """Posterior draws per observation for the choice probabilities."""
 

@@ -115,6 +115,28 @@ def test_the_category_prior_lets_a_rare_categorys_few_samples_show_its_own_best_
     assert picks[None][:2, 1].max() < 0.5, picks  # without it the rare categories get the majority's action
 
 
+def test_the_assumed_noise_decides_whether_one_unlucky_sample_rules_out_a_rare_categorys_action():
+    """What experiments/evidence_bandit.py found behind the planted check's lost smallest group: each agent's model
+    counts its partners' choices as noise, and one rare-genre sample whose partner chose wrong (reward -0.3 for the
+    right action) is, under noise_sd 0.1, a 3-sigma verdict: Thompson sampling stops trying that action for the
+    genre. With noise_sd 0.3, about the spread the partners' choices really add, the action keeps being tried."""
+    rng = np.random.default_rng(0)
+    x = np.zeros((150, 4), dtype=np.float32)
+    x[:, [0, 3]] = rng.uniform(-1, 1, (150, 2))
+    actions = rng.integers(0, 3, (150, 1))
+    rewards = 0.1 * (actions[:, 0] == 2) + 0.05 * rng.standard_normal(150)  # the common category: action 2
+    rare = np.array([[0, 1, 0, 0]], dtype=np.float32)
+    p_action_0 = {}
+    for noise_sd in (0.1, 0.3):
+        model = EvidenceModel([3], dim=4, prior_sd=0.03, noise_sd=noise_sd, draws=4096, category_columns=[1, 2],
+                              category_prior_sd=0.1)
+        model.add(np.concatenate([x, rare]), np.concatenate([actions, [[0]]]), np.concatenate([rewards, [-0.3]]))
+        p_action_0[noise_sd] = float(model.choice_probs(rare, np.random.default_rng(1))[0][0, 0])
+        common = model.choice_probs(np.zeros((1, 4), dtype=np.float32), np.random.default_rng(1))[0][0]
+        assert common.argmax() == 2, common  # the common category's best action is found either way
+    assert p_action_0[0.1] < 0.02 and p_action_0[0.3] > 0.1, p_action_0
+
+
 def test_category_columns_must_lie_in_the_row():
     with pytest.raises(ValueError, match="outside the feature row"):
         EvidenceModel([2], dim=4, prior_sd=0.03, noise_sd=0.1, draws=4, category_columns=[4], category_prior_sd=0.1)
