@@ -90,6 +90,12 @@ VARIANTS = {
                     "few users",
                     [*CATEGORY, "train.evidence.noise_sd=0.3", "train.evidence.explore=1",
                      "train.evidence.explore_beta=1", "train.evidence.distill_on=all"], True),
+    "wide_genre": ("wide_replay with the dominant-genre prior widened as well (train.evidence.category_prior_sd: 0.3 "
+                   "instead of 0.1), the setting that served the most users with the evidence model alone "
+                   "(experiments/results/planted-tuning.md)",
+                   [*CATEGORY, "train.evidence.noise_sd=0.3", "train.evidence.category_prior_sd=0.3",
+                    "train.evidence.explore=1", "train.evidence.explore_beta=1", "train.evidence.distill_on=all"],
+                   True),
 }
 
 
