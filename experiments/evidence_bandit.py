@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from rpp.agents.checkpoints import latest_checkpoint, load_state  # noqa: E402
-from rpp.agents.evidence import EvidenceModel, JointEvidenceModel  # noqa: E402
+from rpp.agents.evidence import make_evidence_model  # noqa: E402
 from rpp.agents.planted import planted_config  # noqa: E402
 from rpp.config import load_config  # noqa: E402
 from rpp.envs import StateEncoder, make_core  # noqa: E402
@@ -47,10 +47,8 @@ def first_rollout(run_dir: Path, steps: int, T: int) -> dict:
 def run(cfg, rng_seed: int, encoder, start: dict | None = None) -> dict:
     ranker = make_ranker(cfg)
     train, test = (make_core(cfg, split, ranker=ranker, encoder=encoder) for split in ("train", cfg.eval.split))
-    ev = cfg.train.evidence
-    model = (JointEvidenceModel if ev.model == "joint" else EvidenceModel)(
-        list(train.nvec), encoder.dim, prior_sd=ev.prior_sd, noise_sd=ev.noise_sd, draws=ev.draws,
-        category_columns=train.user_features.features.category_columns, category_prior_sd=ev.category_prior_sd)
+    model = make_evidence_model(cfg.train.evidence.model_dump(), list(train.nvec), encoder.dim,
+                                train.user_features.features.category_columns)
     ids = {p: [a.id for a in ranker.action_set.actions[p]] for p in PATTERNS}
     taskwise = {p: a.id for p, a in train.builder.taskwise().items()}
     k, T, n_envs = cfg.env.reward_k, cfg.env.steps_per_episode, cfg.env.n_envs

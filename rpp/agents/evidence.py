@@ -198,6 +198,15 @@ class JointEvidenceModel(EvidenceModel):
         return [_best_shares(scores, beta) for scores in self._scores(x, w)]
 
 
+def make_evidence_model(settings: dict[str, Any], nvec: list[int], dim: int,
+                        category_columns: Sequence[int] = ()) -> EvidenceModel:
+    """The reward model a run's evidence settings (EvidenceConfig.model_dump()) call for: EvidenceModel, or
+    JointEvidenceModel with model: joint."""
+    model = JointEvidenceModel if settings.get("model") == "joint" else EvidenceModel
+    return model(nvec, dim, prior_sd=settings["prior_sd"], noise_sd=settings["noise_sd"], draws=settings["draws"],
+                 category_columns=category_columns, category_prior_sd=settings.get("category_prior_sd"))
+
+
 def _best_shares(scores: np.ndarray, beta: float = 1.0) -> np.ndarray:
     """[N, draws, n_actions] predicted rewards -> [N, n_actions]: the share of draws in which each action is best;
     beta < 1: beta * that + (1 - beta) * the share in which it is second best (top-two Thompson sampling, Russo
@@ -236,12 +245,8 @@ class EvidencePPO(PPO):
 
     def _setup_model(self) -> None:
         super()._setup_model()
-        c = self.evidence_config
-        model = JointEvidenceModel if c.get("model") == "joint" else EvidenceModel
-        self.evidence = model(list(self.action_space.nvec), self.observation_space.shape[-1],
-                              prior_sd=c["prior_sd"], noise_sd=c["noise_sd"], draws=c["draws"],
-                              category_columns=self.category_columns,
-                              category_prior_sd=c.get("category_prior_sd"))
+        self.evidence = make_evidence_model(self.evidence_config, list(self.action_space.nvec),
+                                            self.observation_space.shape[-1], self.category_columns)
         self.evidence_rng = np.random.default_rng([int(self.seed or 0), 0xE71D])
         self.past_obs = np.zeros((0, *self.observation_space.shape), dtype=np.float16)
         """Observations of every earlier rollout (distill_on: all only; float16 to halve the memory)."""
