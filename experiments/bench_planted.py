@@ -34,7 +34,8 @@ OLD_SETTINGS = ["train.learning_rate=0.003", "train.ent_coef=0.001", "train.ent_
                 "train.n_epochs=4", "train.batch_size=24", *NO_POOLING]
 """ml100k.yaml's PPO settings before the learner was fixed."""
 CATEGORY = ["train.evidence.coef=1", "train.evidence.model=per_agent", "train.evidence.category_prior_sd=0.1",
-            "train.evidence.distill_on=rollout", "train.evidence.explore=0", "train.evidence.noise_sd=0.1"]
+            "train.evidence.distill_on=rollout", "train.evidence.explore=0", "train.evidence.noise_sd=0.1",
+            "train.evidence.final_epochs=0"]
 """The learner now in ml100k.yaml (variant category), every evidence setting pinned; the variants after it change
 some of them (a later override wins)."""
 
@@ -96,6 +97,14 @@ VARIANTS = {
                    [*CATEGORY, "train.evidence.noise_sd=0.3", "train.evidence.category_prior_sd=0.3",
                     "train.evidence.explore=1", "train.evidence.explore_beta=1", "train.evidence.distill_on=all"],
                    True),
+    "genre_final": ("wide_genre plus a final distillation: 200 steps of each actor toward the evidence model's "
+                    "greedy choice over every observation of the run (train.evidence.final_epochs: 200), so the "
+                    "agents serve what the model says where it knows more than the policy",
+                    [*CATEGORY, "train.evidence.noise_sd=0.3", "train.evidence.category_prior_sd=0.3",
+                     "train.evidence.explore=1", "train.evidence.explore_beta=1", "train.evidence.distill_on=all",
+                     "train.evidence.final_epochs=200"], True),
+    "category_final": ("category plus the same final distillation (train.evidence.final_epochs: 200)",
+                       [*CATEGORY, "train.evidence.final_epochs=200"], True),
 }
 
 

@@ -218,6 +218,13 @@ class EvidenceConfig(_Section):
     the planted check (experiments/results/planted.md, variants wide_*)."""
     draws: int = Field(64, ge=1)
     """Posterior draws per observation for the choice probabilities."""
+    final_epochs: int = Field(0, ge=0)
+    """At the end of training, gradient steps of each actor's cross-entropy toward the evidence model's most
+    probable best action (its greedy choice), over the observations of every rollout of the run (kept for this as
+    for distill_on: all), so that the agents serve what the pooled evidence says for every user seen, a rare
+    genre's few among them, and not only what the last rollouts pulled them toward. It runs once a run reaches its
+    budget (an interrupted run resumes exactly; a finished run given more steps continues from its distilled
+    agents). 0: none."""
 
 
 class TrainConfig(_Section):
@@ -483,6 +490,10 @@ class Config(_Section):
             raise ValueError(f"train.evidence.explore={ev.explore} draws rollout actions from the evidence model, "
                              "which runs only with train.evidence.coef > 0: set train.evidence.coef=1 or "
                              "train.evidence.explore=0")
+        if ev.final_epochs > 0 and ev.coef <= 0:
+            raise ValueError(f"train.evidence.final_epochs={ev.final_epochs} distils the evidence model, which runs "
+                             "only with train.evidence.coef > 0: set train.evidence.coef=1 or "
+                             "train.evidence.final_epochs=0")
         if ev.explore_beta < 1 and ev.explore <= 0:
             raise ValueError(f"train.evidence.explore_beta={ev.explore_beta} shapes the exploration draws, which "
                              "happen only with train.evidence.explore > 0: set train.evidence.explore too")

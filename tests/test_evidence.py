@@ -315,10 +315,12 @@ def test_resume_continues_with_the_same_evidence_and_parameters(tmp_path, distil
 
 
 def test_explore_settings_that_would_do_nothing_are_refused():
-    """explore needs the evidence model (coef > 0), explore_beta needs explore: otherwise they would silently
-    change nothing."""
+    """explore and final_epochs need the evidence model (coef > 0), explore_beta needs explore: otherwise they
+    would silently change nothing."""
     with pytest.raises(ConfigError, match="coef > 0"):
         load_config(None, ["train.evidence.explore=0.5"])
+    with pytest.raises(ConfigError, match="final_epochs=5 distils"):
+        load_config(None, ["train.evidence.final_epochs=5"])
     with pytest.raises(ConfigError, match="explore > 0"):
         load_config(None, ["train.evidence.coef=1", "train.evidence.explore_beta=0.5"])
     cfg = load_config(None, ["train.evidence.coef=1", "train.evidence.explore=0.5", "train.evidence.explore_beta=0.5"])
@@ -330,3 +332,26 @@ def test_evidence_pooling_is_refused_for_a2c():
     with pytest.raises(ConfigError, match="extends PPO"):
         load_config(None, ["train.algo=a2c", "train.evidence.coef=1"])
     assert load_config(None, ["train.algo=a2c"]).train.evidence.coef == 0
+
+
+def test_final_distillation_makes_the_agents_serve_the_evidence_models_greedy_choice(monkeypatch):
+    """train.evidence.final_epochs: after training, each actor is fit to the evidence model's greedy choice on
+    every observation of the run (kept for it). The evidence here mildly prefers one action per agent; one pull
+    step per update has not made the actors agree with it, the final step does."""
+    env = DummyVecEnv([KnownRewardEnv for _ in range(4)])
+    env.seed(0)
+    model = EvidencePPO(FourAgentPolicy, env, n_steps=4, batch_size=16, n_epochs=1, gamma=0.0, seed=0,
+                        learning_rate=3e-3, policy_kwargs=dict(hidden_size=8),
+                        evidence=EvidenceConfig(coef=1.0, epochs=1, final_epochs=150))
+    monkeypatch.setattr(model.evidence, "choice_probs", lambda x, rng, beta=1.0: [
+        np.tile(np.eye(n)[(1 + i) % n] * 0.5 + 0.5 / n, (len(x), 1)) for i, n in enumerate(model.action_space.nvec)])
+    model.learn(total_timesteps=32)
+    assert len(model.past_obs) == 32  # kept for the final step although distill_on is rollout
+    want = [(1 + i) % n for i, n in enumerate(model.action_space.nvec)]
+    obs = model.past_obs.astype(np.float32)
+    before = [p.argmax(1) for p in model.policy.agent_probs(obs)]
+    assert not all((b == w).all() for b, w in zip(before, want)), before
+    agreement = model.final_distill()
+    after = [p.argmax(1) for p in model.policy.agent_probs(obs)]
+    assert agreement == 1.0 and all((a == w).all() for a, w in zip(after, want)), after
+    assert model.final_distill() is None  # once per step count: a finished run is not distilled twice

@@ -41,7 +41,7 @@ environment). The samples are part of the checkpoint, so a resumed run continues
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch as th
@@ -249,7 +249,11 @@ class EvidencePPO(PPO):
                                             self.observation_space.shape[-1], self.category_columns)
         self.evidence_rng = np.random.default_rng([int(self.seed or 0), 0xE71D])
         self.past_obs = np.zeros((0, *self.observation_space.shape), dtype=np.float16)
-        """Observations of every earlier rollout (distill_on: all only; float16 to halve the memory)."""
+        """Observations of every earlier rollout (distill_on: all or final_epochs > 0 only; float16 to halve the
+        memory)."""
+        self.final_distilled_at = -1
+        """num_timesteps of the last final distillation (a finished run resumed with no more steps is not
+        distilled twice)."""
 
     def _excluded_save_params(self) -> list[str]:
         # the samples travel in the checkpoint's state (rpp.agents.train), not in SB3's zip
@@ -257,12 +261,13 @@ class EvidencePPO(PPO):
 
     def evidence_state(self) -> dict[str, Any]:
         return {"samples": self.evidence.state(), "rng": self.evidence_rng.bit_generator.state,
-                "past_obs": self.past_obs}
+                "past_obs": self.past_obs, "final_distilled_at": self.final_distilled_at}
 
     def load_evidence_state(self, state: dict[str, Any]) -> None:
         self.evidence.load_state(state["samples"])
         self.evidence_rng.bit_generator.state = state["rng"]
         self.past_obs = state.get("past_obs", self.past_obs)
+        self.final_distilled_at = state.get("final_distilled_at", -1)
 
     def collect_rollouts(self, *args, **kwargs) -> bool:
         """SB3's rollouts; with evidence.explore > 0 the actions are drawn from the actors mixed with the
@@ -292,10 +297,15 @@ class EvidencePPO(PPO):
         obs = buf.observations.reshape(-1, *self.observation_space.shape)
         actions = buf.actions.reshape(-1, len(self.action_space.nvec)).astype(np.int64)
         self.evidence.add(obs[:, self.feature_row], actions, rewards)
-        coef, epochs = self.evidence_config["coef"], self.evidence_config["epochs"]
-        if coef <= 0:
-            return
         replay = self.evidence_config.get("distill_on") == "all"
+        if self.evidence_config["coef"] > 0:
+            self._distill_rollout(obs, replay)
+        if replay or self.evidence_config.get("final_epochs", 0) > 0:
+            self.past_obs = np.concatenate([self.past_obs, obs.astype(np.float16)])
+        self.logger.record("train/evidence_samples", len(self.evidence))
+
+    def _distill_rollout(self, obs: np.ndarray, replay: bool) -> None:
+        coef, epochs = self.evidence_config["coef"], self.evidence_config["epochs"]
         pool = np.concatenate([obs, self.past_obs.astype(np.float32)]) if replay and len(self.past_obs) else obs
         targets = [th.as_tensor(p, device=self.device)
                    for p in self.evidence.choice_probs(pool[:, self.feature_row], self.evidence_rng)]
@@ -317,7 +327,33 @@ class EvidencePPO(PPO):
             th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
             self.policy.optimizer.step()
             losses.append(float(loss.item()))
-        if replay:
-            self.past_obs = np.concatenate([self.past_obs, obs.astype(np.float16)])
         self.logger.record("train/evidence_loss", float(np.mean(losses)))
-        self.logger.record("train/evidence_samples", len(self.evidence))
+
+    def final_distill(self, batch: int = 1024) -> Optional[float]:
+        """evidence.final_epochs gradient steps of each actor's cross-entropy toward the evidence model's greedy
+        choice (the action most often best under the posterior), each on up to `batch` observations drawn from
+        every rollout of the run. Returns the share of those observations on which all four actors' greedy
+        actions then agree with the model (None when there is nothing to do)."""
+        epochs = self.evidence_config.get("final_epochs", 0)
+        if epochs <= 0 or not len(self.past_obs) or self.final_distilled_at == self.num_timesteps:
+            return None
+        pool = self.past_obs.astype(np.float32)
+        greedy = [th.as_tensor(p.argmax(1), device=self.device)
+                  for p in self.evidence.choice_probs(pool[:, self.feature_row], self.evidence_rng)]
+        obs_t = th.as_tensor(pool, dtype=th.float32, device=self.device)
+        self.policy.set_training_mode(True)
+        for _ in range(epochs):
+            rows = th.as_tensor(self.evidence_rng.choice(len(pool), size=min(batch, len(pool)), replace=False),
+                                device=self.device)
+            loss = sum(th.nn.functional.cross_entropy(lg, tgt[rows])
+                       for tgt, lg in zip(greedy, self.policy.agent_logits(obs_t[rows]), strict=True))
+            self.policy.optimizer.zero_grad()
+            loss.backward()
+            th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+            self.policy.optimizer.step()
+        self.policy.set_training_mode(False)
+        self.final_distilled_at = self.num_timesteps
+        with th.no_grad():
+            agree = th.stack([lg.argmax(-1) == tgt
+                              for tgt, lg in zip(greedy, self.policy.agent_logits(obs_t), strict=True)]).all(0)
+        return float(agree.float().mean())

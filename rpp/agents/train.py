@@ -177,7 +177,12 @@ def train(cfg: Optional[Config], resume: str | Path | None = None,
             model.learn(total_timesteps=remaining, reset_num_timesteps=checkpoint is None, log_interval=1,
                         callback=CallbackList([*ours, *(callbacks or [])]))
 
-        # ---- 8. final checkpoint, usage totals, learning curve ---------------------------------------------------
+        # ---- 8. final distillation (train.evidence.final_epochs), final checkpoint, usage, learning curve ---------
+        if isinstance(model, EvidencePPO):
+            agreement = model.final_distill()
+            if agreement is not None:
+                print(f"final distillation: the agents' greedy choices match the evidence model's on "
+                      f"{agreement:.1%} of the run's {len(model.past_obs)} observations", file=sys.stderr)
         checkpoints.init_callback(model)
         checkpoints.save_now()
         usage = metrics.usage_total()
