@@ -28,16 +28,18 @@ sys.path.insert(0, str(ROOT))
 from rpp.agents.planted import passes, planted_check, planted_config  # noqa: E402
 from rpp.config import load_config  # noqa: E402
 
-NO_POOLING = ["train.evidence.coef=0"]
+EVIDENCE_BEFORE = ["train.evidence.model=per_agent", "train.evidence.distill_on=rollout", "train.evidence.explore=0",
+                   "train.evidence.explore_beta=1", "train.evidence.noise_sd=0.1", "train.evidence.final_epochs=0"]
+"""The evidence settings every variant up to `category` ran with (the code's defaults), pinned because
+ml100k.yaml now sets some of them otherwise."""
+NO_POOLING = [*EVIDENCE_BEFORE, "train.evidence.coef=0"]
 """ml100k.yaml's learner without evidence pooling (PPO alone)."""
 OLD_SETTINGS = ["train.learning_rate=0.003", "train.ent_coef=0.001", "train.ent_coef_final=null", "train.gamma=0.9",
                 "train.n_epochs=4", "train.batch_size=24", *NO_POOLING]
 """ml100k.yaml's PPO settings before the learner was fixed."""
-CATEGORY = ["train.evidence.coef=1", "train.evidence.model=per_agent", "train.evidence.category_prior_sd=0.1",
-            "train.evidence.distill_on=rollout", "train.evidence.explore=0", "train.evidence.noise_sd=0.1",
-            "train.evidence.final_epochs=0"]
-"""The learner now in ml100k.yaml (variant category), every evidence setting pinned; the variants after it change
-some of them (a later override wins)."""
+CATEGORY = [*EVIDENCE_BEFORE, "train.evidence.coef=1", "train.evidence.category_prior_sd=0.1"]
+"""The learner that was in ml100k.yaml before `wide_genre` (variant category, the reference of the paired column),
+every evidence setting pinned; the variants after it change some of them (a later override wins)."""
 
 VARIANTS = {
     # name: (description, overrides on top of the config, user row in the observation)
@@ -54,14 +56,15 @@ VARIANTS = {
     "pooled": ("final + evidence pooling (train.evidence, rpp/agents/evidence.py): per agent and action a Bayesian "
                "linear model of the step reward on the user row, fit on every sample of the run; after each PPO "
                "update the actors are pulled toward its Thompson choice probabilities",
-               ["train.evidence.coef=1", "train.evidence.model=per_agent", "train.evidence.category_prior_sd=null"],
-               True),
+               [*EVIDENCE_BEFORE, "train.evidence.coef=1", "train.evidence.category_prior_sd=null"], True),
     "joint": ("pooled with ONE reward model over all four agents' choices (train.evidence.model: joint), each "
               "agent credited with its own part of the reward rather than counting its partners' as noise",
-              ["train.evidence.coef=1", "train.evidence.model=joint", "train.evidence.category_prior_sd=null"], True),
+              [*EVIDENCE_BEFORE, "train.evidence.coef=1", "train.evidence.model=joint",
+               "train.evidence.category_prior_sd=null"], True),
     "category": ("pooled with a wider prior (sd 0.1 instead of 0.03) on the weights of the user row's one-hot "
                  "columns (the dominant genre; train.evidence.category_prior_sd): each genre's own deviation is "
-                 "learnt from that genre's few users instead of being shrunk away: the learner now in ml100k.yaml",
+                 "learnt from that genre's few users instead of being shrunk away: the learner in ml100k.yaml "
+                 "until wide_genre",
                  CATEGORY, True),
     "replay": ("category, with each distillation step pulling the rollout's users plus as many drawn from every "
                "earlier rollout toward the evidence (train.evidence.distill_on: all), so that users seen rollouts "
@@ -93,7 +96,7 @@ VARIANTS = {
                      "train.evidence.explore_beta=1", "train.evidence.distill_on=all"], True),
     "wide_genre": ("wide_replay with the dominant-genre prior widened as well (train.evidence.category_prior_sd: 0.3 "
                    "instead of 0.1), the setting that served the most users with the evidence model alone "
-                   "(experiments/results/planted-tuning.md)",
+                   "(experiments/results/planted-tuning.md): the learner now in ml100k.yaml",
                    [*CATEGORY, "train.evidence.noise_sd=0.3", "train.evidence.category_prior_sd=0.3",
                     "train.evidence.explore=1", "train.evidence.explore_beta=1", "train.evidence.distill_on=all"],
                    True),

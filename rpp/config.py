@@ -186,16 +186,17 @@ class EvidenceConfig(_Section):
     distill_on: Literal["rollout", "all"] = "rollout"
     """Whose observations each of those steps pulls toward the evidence: the rollout's (rollout), or the rollout's
     plus as many drawn from every earlier rollout of the run (all: users seen rollouts ago, a rare genre's few
-    among them, keep being pulled; the observations are kept in float16 and saved with the checkpoint). An option
-    only: on six planted seeds of the 4-group rule it passed as many runs as the default (4 of 6), serving the
-    smallest group better on some and a mid-size group worse on one (experiments/results/planted.md, replay)."""
+    among them, keep being pulled; the observations are kept in float16 and saved with the checkpoint). Alone it
+    passed as many planted runs as rollout (variant replay); experiments/ml100k.yaml sets it with the other
+    settings of variant wide_genre (experiments/results/planted.md)."""
     explore: float = Field(0.0, ge=0, le=1)
     """Share of the evidence in the rollouts' actions: each agent's action is drawn from (1 - explore) * its
     actor's probabilities + explore * the evidence's Thompson choice probabilities for the user (broad where the
     user's evidence is thin, sharp where it is not), and PPO weighs each sample by actor / behaviour probability.
-    0: the actors alone choose (PPO's own on-policy rollouts). An option only: on twelve seeds of the planted
-    check's 4-group rule 0.5 passed 8 runs against 6 for 0, with the same mean share of users served (0.949 against
-    0.948; experiments/results/planted.md, variant explore)."""
+    0: the actors alone choose (PPO's own on-policy rollouts). 1: every rollout action is the evidence's Thompson
+    draw, as the evidence model alone explores (experiments/evidence_bandit.py); experiments/ml100k.yaml sets 1
+    with noise_sd and category_prior_sd 0.3 and distill_on all (variant wide_genre: 9 of 12 runs of the planted
+    check's 4-group rule pass against 6 for the defaults; experiments/results/planted.md)."""
     explore_beta: float = Field(1.0, gt=0, le=1)
     """For those draws only: 1, Thompson sampling (each action as often as it is probably the best); below 1,
     top-two sampling: beta of that, and 1 - beta as often as the action is probably the runner-up, which keeps
@@ -209,13 +210,15 @@ class EvidenceConfig(_Section):
     genre's own deviation from the rest, learnt from that genre's users. Wider than prior_sd so that a rare genre's
     few samples can show it: on the planted check it took the 4-group rule's smallest group (the rarest genres) from
     30 / 0 / 60% of its users to 47 / 67 / 84%, and the runs passing from 3 to 5 of 6
-    (experiments/results/planted.md). null: prior_sd for every column."""
+    (experiments/results/planted.md). experiments/ml100k.yaml sets 0.3 (with noise_sd 0.3, variant wide_genre).
+    null: prior_sd for every column."""
     noise_sd: float = Field(0.1, gt=0)
     """Assumed standard deviation of a step reward around the model (the other agents' choices included). The
     per-agent model counts the partners' choices as noise, which moves a step's reward by up to about 0.3: under
-    0.1 one rare-genre sample with a wrong partner can rule an action out for that genre for good; 0.3 kept it in
-    play for the evidence model alone (experiments/evidence_bandit.py) but gave the learner no more than 0.1 on
-    the planted check (experiments/results/planted.md, variants wide_*)."""
+    0.1 one rare-genre sample with a wrong partner can rule an action out for that genre for good; 0.3 keeps it in
+    play (experiments/evidence_bandit.py). Alone 0.3 did not help the learner (variant wide_noise); with every
+    rollout action from the evidence, distillation on every rollout and category_prior_sd 0.3 it passed the most
+    planted runs (variant wide_genre, the settings of experiments/ml100k.yaml; experiments/results/planted.md)."""
     draws: int = Field(64, ge=1)
     """Posterior draws per observation for the choice probabilities."""
     final_epochs: int = Field(0, ge=0)

@@ -23,11 +23,14 @@ what the bandit had: a memory of all evidence.
   choice probabilities, so that users whose evidence is thin (a rare genre's few) are explored the way a
   Thompson-sampling bandit would explore them, and not only as far as an actor fit mostly on other users does;
   PPO's update weighs those samples by actor / behaviour probability. With explore_beta < 1 those draws use
-  top-two sampling (a probable runner-up is tried too). Neither is the default: on twelve seeds of the planted
-  check's 4-group rule explore 0.5 passed 8 runs against 6 but served the same mean share of users, and top-two
-  did worse (experiments/results/planted.md, variants explore and top_two); the rarest genres stay short of
-  samples either way.
-- train.evidence.distill_on: all (an option) pulls, at each of those steps, the rollout's users plus as many drawn
+  top-two sampling (a probable runner-up is tried too). Neither is the code's default. explore 0.5 alone passed 8
+  of twelve runs of the planted check's 4-group rule against 6 but served the same mean share of users, and
+  top-two did worse (experiments/results/planted.md, variants explore and top_two). What the rare genres lacked
+  was a wider assumed noise (noise_sd): the per-agent model counts the partners' choices as noise, and under 0.1
+  one unlucky rare-genre sample ruled that genre's best action out. experiments/ml100k.yaml now draws every
+  rollout action from the evidence (explore 1) with noise_sd and category_prior_sd 0.3 and distill_on all
+  (variant wide_genre: 9 of 12 runs of the 4-group rule pass against 6, and every run of the pass bar's seeds).
+- train.evidence.distill_on: all pulls, at each of those steps, the rollout's users plus as many drawn
   from every earlier rollout, so users seen long ago keep being pulled toward the evidence; it served the planted
   check's smallest group better on some seeds but passed no more runs over six (experiments/results/planted.md,
   variant replay).
