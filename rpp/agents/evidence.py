@@ -34,6 +34,10 @@ what the bandit had: a memory of all evidence.
   from every earlier rollout, so users seen long ago keep being pulled toward the evidence; it served the planted
   check's smallest group better on some seeds but passed no more runs over six (experiments/results/planted.md,
   variant replay).
+- train.evidence.final_epochs (an option): once the run reaches its budget, the actors are fit to the evidence
+  model's greedy choice on every observation of the run (``final_distill``), so they serve what the model says
+  where it knows more than they do; on the planted check it passed one run more of twelve, but moved single seeds
+  both ways (experiments/results/planted.md, variant genre_final).
 - ``JointEvidenceModel`` (train.evidence.model: joint): ONE such model over all agents' choices together, each
   agent credited with its own part of the reward. It serves the planted check's smallest group somewhat better
   but passes fewer runs than the per-agent model, which stays the default (experiments/results/planted.md).
