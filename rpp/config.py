@@ -229,9 +229,8 @@ class EvidenceConfig(_Section):
     genre's few among them, and not only what the last rollouts pulled them toward. On the planted check (variant
     genre_final, 200 steps on top of ml100k.yaml's settings) it passed 10 of 12 runs of the 4-group rule against 9
     without it, but moved single seeds by -0.077 .. +0.087 (experiments/results/planted.md): an option. It runs once
-    a run reaches its
-    budget (an interrupted run resumes exactly; a finished run given more steps continues from its distilled
-    agents). 0: none."""
+    a run reaches its budget (an interrupted run resumes exactly; a finished run given more steps continues from its
+    distilled agents). 0: none."""
 
 
 class TrainConfig(_Section):

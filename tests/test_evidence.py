@@ -355,3 +355,22 @@ def test_final_distillation_makes_the_agents_serve_the_evidence_models_greedy_ch
     after = [p.argmax(1) for p in model.policy.agent_probs(obs)]
     assert agreement == 1.0 and all((a == w).all() for a, w in zip(after, want)), after
     assert model.final_distill() is None  # once per step count: a finished run is not distilled twice
+
+
+def test_a_finished_run_is_distilled_once_and_the_checkpoint_says_when(tmp_path):
+    """rpp.agents.train runs the final distillation when the budget is reached and saves the step it ran at, so
+    that the saved agents are the distilled ones and a resume with no more steps does not distill again."""
+    from rpp.agents import train
+    from rpp.agents.checkpoints import latest_checkpoint, load_state
+    from rpp.agents.serving import load_algorithm
+
+    cfg = tiny_cfg(tmp_path, "final", "train.total_steps=16", "train.evidence.coef=1", "train.evidence.epochs=1",
+                   "train.evidence.final_epochs=30")
+    ranker = PromptHashRanker()
+    run = train(cfg, ranker=ranker, progress=False)
+    state = load_state(latest_checkpoint(run))
+    assert state["evidence"]["final_distilled_at"] == 16 and len(state["evidence"]["past_obs"]) == 16
+    saved = load_algorithm(cfg, latest_checkpoint(run)).policy.state_dict()
+    train(cfg, resume=run, ranker=ranker, progress=False)  # nothing left to train: nothing changes
+    again = load_algorithm(cfg, latest_checkpoint(run)).policy.state_dict()
+    assert all(th.equal(a, b) for a, b in zip(saved.values(), again.values()))
