@@ -106,8 +106,6 @@ VARIANTS = {
                     [*CATEGORY, "train.evidence.noise_sd=0.3", "train.evidence.category_prior_sd=0.3",
                      "train.evidence.explore=1", "train.evidence.explore_beta=1", "train.evidence.distill_on=all",
                      "train.evidence.final_epochs=200"], True),
-    "category_final": ("category plus the same final distillation (train.evidence.final_epochs: 200)",
-                       [*CATEGORY, "train.evidence.final_epochs=200"], True),
 }
 
 
