@@ -30,7 +30,7 @@ from rpp.agents.evidence import make_evidence_model  # noqa: E402
 from rpp.agents.planted import planted_config  # noqa: E402
 from rpp.config import load_config  # noqa: E402
 from rpp.envs import StateEncoder, make_core  # noqa: E402
-from rpp.envs.core import UserStream  # noqa: E402
+from rpp.envs.core import PROGRESS_SLOT, UserStream  # noqa: E402
 from rpp.llm import make_ranker  # noqa: E402
 from rpp.prompts import PATTERNS  # noqa: E402
 
@@ -39,8 +39,8 @@ def first_rollout(run_dir: Path, steps: int, T: int) -> dict:
     """(user row bytes, step) -> the action vector a trained run took there in its first rollout."""
     samples = load_state(latest_checkpoint(run_dir))["evidence"]["samples"]
     x = np.asarray(samples["x"][:steps], dtype=np.float32).copy()
-    step = np.rint(x[:, -1] * T).astype(int)
-    x[:, -1] = 0.0  # the step slot is the environment's, not the user's
+    step = np.rint(x[:, PROGRESS_SLOT] * T).astype(int)
+    x[:, PROGRESS_SLOT] = 0.0  # the step slot is the environment's, not the user's
     return {(x[i].tobytes(), int(step[i])): samples["actions"][i] for i in range(len(x))}
 
 
@@ -56,7 +56,7 @@ def run(cfg, rng_seed: int, encoder, start: dict | None = None) -> dict:
 
     def row(sample, t: int) -> np.ndarray:
         r = train.user_rows(sample)[0].copy()
-        r[-1] = t / T  # the environment's progress slot
+        r[PROGRESS_SLOT] = t / T
         return r
 
     rng = np.random.default_rng([cfg.seed, rng_seed, 0xB4D])
@@ -73,7 +73,7 @@ def run(cfg, rng_seed: int, encoder, start: dict | None = None) -> dict:
                 a = np.stack([[rng.choice(len(q), p=q / q.sum()) for q in agent] for agent in probs], axis=1)
                 if start is not None and done < per_rollout:
                     zero = x.copy()
-                    zero[:, -1] = 0.0
+                    zero[:, PROGRESS_SLOT] = 0.0
                     a = np.stack([start[(z.tobytes(), t)] for z in zero])
                 r = [ranker.ndcg(s.user, {p: ids[p][a[i, j]] for j, p in enumerate(PATTERNS)}, k)
                      for i, s in enumerate(users)]

@@ -49,3 +49,30 @@ def test_script_corrects_every_table_row_of_a_record(tmp_path):
     text = out.read_text()
     assert "6 paired tests" in text and "Holm 2, Bonferroni 2" in text  # 0.004 x 6 = 0.024 < 0.05
     assert text.count("| ndcg@5 | +0.01 | 0.02 | 0.08 | 0.12 |") == 2  # 4th/3rd smallest: x4 (Holm), x6
+
+
+def test_paired_per_user_keeps_an_upper_bound_out_of_the_holm_family(tmp_path):
+    """experiments/paired_per_user.py: the label oracle (family upper_bound) is listed with its raw p, not counted in
+    the methods' Holm family, so its tiny p-values neither count as findings nor make the methods' correction
+    stricter."""
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    users = np.arange(60)
+    base = rng.random(60) * 0.5
+    shifts = {"taskwise": 0.0, "policy": 0.02, "label_oracle": 0.3}
+    rows = [{"method": m, "user": u, **{metric: base[u] + shift + (0.05 * rng.standard_normal() if m != "taskwise"
+                                                                     else 0.0)
+                                        for metric in ("ndcg@1", "ndcg@5", "ndcg@10", "hr@1", "hr@5", "hr@10", "mrr")}}
+            for m, shift in shifts.items() for u in users]
+    pd.DataFrame(rows).to_csv(tmp_path / "per_user.csv", index=False)
+    pd.DataFrame({"method": list(shifts), "family": ["taskwise", "policy", "upper_bound"]}).to_csv(
+        tmp_path / "results.csv", index=False)
+    subprocess.run([sys.executable, str(ROOT / "experiments/paired_per_user.py"), str(tmp_path)], check=True,
+                   capture_output=True)
+    text = (tmp_path / "paired.md").read_text()
+    assert text.count("upper bound, not tested") == 7 and "7 paired tests" in text, text
+    policy = [line.split("|") for line in text.splitlines() if line.startswith("| policy |")]
+    raw = np.array([float(r[5]) for r in policy])
+    # Holm over the policy's 7 tests alone: the smallest raw p is multiplied by 7 (by 14 with the oracle inside)
+    assert float(min(policy, key=lambda r: float(r[5]))[6]) == pytest.approx(min(1.0, 7 * raw.min()), rel=0.01)

@@ -328,13 +328,16 @@ class EvidencePPO(PPO):
             rows_t = th.as_tensor(rows, device=self.device)
             loss = sum(-(tgt[rows_t] * th.log_softmax(lg, dim=-1)).sum(-1).mean()
                        for tgt, lg in zip(targets, self.policy.agent_logits(obs_t[rows_t]), strict=True))
-            loss = coef * loss
-            self.policy.optimizer.zero_grad()
-            loss.backward()
-            th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
-            self.policy.optimizer.step()
-            losses.append(float(loss.item()))
+            losses.append(self._actor_step(coef * loss))
         self.logger.record("train/evidence_loss", float(np.mean(losses)))
+
+    def _actor_step(self, loss: th.Tensor) -> float:
+        """One optimizer step on a distillation loss, with PPO's gradient clipping; returns the loss."""
+        self.policy.optimizer.zero_grad()
+        loss.backward()
+        th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+        self.policy.optimizer.step()
+        return float(loss.item())
 
     def final_distill(self, batch: int = 1024) -> Optional[float]:
         """evidence.final_epochs gradient steps of each actor's cross-entropy toward the evidence model's greedy
@@ -352,12 +355,8 @@ class EvidencePPO(PPO):
         for _ in range(epochs):
             rows = th.as_tensor(self.evidence_rng.choice(len(pool), size=min(batch, len(pool)), replace=False),
                                 device=self.device)
-            loss = sum(th.nn.functional.cross_entropy(lg, tgt[rows])
-                       for tgt, lg in zip(greedy, self.policy.agent_logits(obs_t[rows]), strict=True))
-            self.policy.optimizer.zero_grad()
-            loss.backward()
-            th.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
-            self.policy.optimizer.step()
+            self._actor_step(sum(th.nn.functional.cross_entropy(lg, tgt[rows])
+                                 for tgt, lg in zip(greedy, self.policy.agent_logits(obs_t[rows]), strict=True)))
         self.policy.set_training_mode(False)
         self.final_distilled_at = self.num_timesteps
         with th.no_grad():

@@ -473,6 +473,10 @@ def state_text(context: UserContext, chosen: dict, sentences: dict, step: int, l
     return "\n".join(lines)
 
 
+PROGRESS_SLOT = -1
+"""Slot of the first user row that holds the episode progress t / T (the user features leave it free)."""
+
+
 def observation(state_rows: np.ndarray, user_rows: Sequence[np.ndarray], candidate_rows: Sequence[np.ndarray],
                 progress: Sequence[float], k: int) -> np.ndarray:
     """Assemble [N, C + k, dim] observations (layout in the module doc; C = 1 + the user rows); `progress` is
@@ -484,7 +488,7 @@ def observation(state_rows: np.ndarray, user_rows: Sequence[np.ndarray], candida
     for i in range(n):
         obs[i, 0] = state_rows[i]
         obs[i, 1:c] = user_rows[i]
-        obs[i, 1, -1] = progress[i]
+        obs[i, 1, PROGRESS_SLOT] = progress[i]
         cand = candidate_rows[i][:k]
         obs[i, c:c + len(cand)] = cand
     return obs
