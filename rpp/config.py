@@ -77,10 +77,15 @@ class PlantedConfig(_Section):
     """Which agents' choices matter."""
     groups: int = Field(2, ge=1)
     """Number of user groups, each with its own best actions."""
-    feature: Literal["genre", "history_length"] = "genre"
-    """What defines a user's group: the dominant genre of the history (genres are assigned to groups so that
-    the groups are about equally large) or the history length (quantile buckets)."""
+    feature: Literal["genre", "recent_genre", "history_length", "mean_rating", "rating_spread", "high_rating_share",
+                     "user_hash"] = "genre"
+    """What defines a user's group: a feature of the history that the user row holds (rpp.envs.features.FEATURES:
+    the dominant genre of the whole history or of its last items, whose genres are dealt to groups so that the
+    groups are about equally large; history length or a rating statistic, in quantile buckets), or user_hash: a
+    hash of the user id, which nothing observable reveals (a NULL rule: no policy can personalize it, and a learner
+    must then serve no worse than the best fixed prompt)."""
     interaction: Literal["additive", "joint"] = "additive"
+    """additive: quality grows with the share of `agents` that match; joint: only all of them together count."""
     effect: float = Field(0.3, ge=0, le=1)
     """Quality gained by matching the group's best actions (all of them)."""
     main_low: float = Field(0.3, ge=0, le=1)
@@ -164,103 +169,87 @@ class EnvConfig(_Section):
     the user effect (about 90% of the reward variance on ML-100K) from the policy-gradient signal."""
     obs_candidates: Optional[int] = None
     """Candidate embeddings in the observation (default: n_candidates)."""
-    history_embedding: bool = False
-    """Add the mean embedding of the history titles as one more user row of the observation. Off by default: on
-    the planted check it made the agents fit the 200 training users' embeddings instead of the features that
-    generalize (experiments/results/planted.md, variant history_row)."""
 
 
-class EvidenceConfig(_Section):
-    """Evidence pooling beside PPO (rpp.agents.evidence): per agent and action, a Bayesian linear model of the step
-    reward on the user-feature row, fit on every sample of the run; after each PPO update the actors are pulled
-    toward its Thompson-sampling choice probabilities for the rollout's users. PPO only; coef 0 turns it off."""
+class PosteriorConfig(_Section):
+    """The learner's Bayesian reward head (rpp.agents.learner): per agent and action, a Bayesian linear model of the
+    step reward on a fixed non-linear basis of the user row (one-hots of the categorical features, quantile bins of
+    the numeric ones, the genre shares as they are). The intercept is the action's effect on the whole population;
+    every other weight is a user-dependent deviation shrunk toward 0, so where a user's evidence is thin the head
+    predicts the population's best action."""
 
-    coef: float = Field(0.0, ge=0)
-    """Weight of the cross-entropy toward the evidence's choice probabilities (0: plain PPO)."""
-    model: Literal["per_agent", "joint"] = "per_agent"
-    """per_agent: one reward model per agent and action, the partners' choices counted as noise (EvidenceModel);
-    joint: one model of the reward over all agents' choices together, each credited with its own part
-    (JointEvidenceModel)."""
-    epochs: int = Field(10, ge=1)
-    """Gradient steps of that loss after each PPO update."""
-    distill_on: Literal["rollout", "all"] = "rollout"
-    """Whose observations each of those steps pulls toward the evidence: the rollout's (rollout), or the rollout's
-    plus as many drawn from every earlier rollout of the run (all: users seen rollouts ago, a rare genre's few
-    among them, keep being pulled; the observations are kept in float16 and saved with the checkpoint). Alone it
-    passed as many planted runs as rollout (variant replay); experiments/ml100k.yaml sets it with the other
-    settings of variant wide_genre (experiments/results/planted.md)."""
-    explore: float = Field(0.0, ge=0, le=1)
-    """Share of the evidence in the rollouts' actions: each agent's action is drawn from (1 - explore) * its
-    actor's probabilities + explore * the evidence's Thompson choice probabilities for the user (broad where the
-    user's evidence is thin, sharp where it is not), and PPO weighs each sample by actor / behaviour probability.
-    0: the actors alone choose (PPO's own on-policy rollouts). 1: every rollout action is the evidence's Thompson
-    draw, as the evidence model alone explores (experiments/evidence_bandit.py); experiments/ml100k.yaml sets 1
-    with noise_sd and category_prior_sd 0.3 and distill_on all (variant wide_genre: 9 of 12 runs of the planted
-    check's 4-group rule pass against 6 for the defaults; experiments/results/planted.md)."""
-    explore_beta: float = Field(1.0, gt=0, le=1)
-    """For those draws only: 1, Thompson sampling (each action as often as it is probably the best); below 1,
-    top-two sampling: beta of that, and 1 - beta as often as the action is probably the runner-up, which keeps
-    trying the close seconds (what identifying each user's best action needs). The distillation targets stay
-    Thompson's. An option only: 0.5 did worse on the planted check (variant top_two)."""
-    prior_sd: float = Field(0.03, gt=0)
-    """Prior standard deviation of each weight (features are in [-1, 1]; rewards are NDCG differences). 0.03 and
-    noise_sd 0.1 did best on the planted check with the actors' own rollouts (experiments/results/planted-tuning.md);
-    with every rollout action from the evidence, noise_sd 0.3 did (see noise_sd)."""
-    category_prior_sd: Optional[float] = Field(0.1, gt=0)
-    """Prior standard deviation of the weights on the user row's one-hot columns (the dominant genre): each
-    genre's own deviation from the rest, learnt from that genre's users. Wider than prior_sd so that a rare genre's
-    few samples can show it: on the planted check it took the 4-group rule's smallest group (the rarest genres) from
-    30 / 0 / 60% of its users to 47 / 67 / 84%, and the runs passing from 3 to 5 of 6
-    (experiments/results/planted.md). experiments/ml100k.yaml sets 0.3 (with noise_sd 0.3, variant wide_genre).
-    null: prior_sd for every column."""
-    noise_sd: float = Field(0.1, gt=0)
-    """Assumed standard deviation of a step reward around the model (the other agents' choices included). The
-    per-agent model counts the partners' choices as noise, which moves a step's reward by up to about 0.3: under
-    0.1 one rare-genre sample with a wrong partner can rule an action out for that genre for good; 0.3 keeps it in
-    play (experiments/evidence_bandit.py). Alone 0.3 did not help the learner (variant wide_noise); with every
-    rollout action from the evidence, distillation on every rollout and category_prior_sd 0.3 it passed the most
-    planted runs (variant wide_genre, the settings of experiments/ml100k.yaml; experiments/results/planted.md)."""
+    bins: int = Field(6, ge=2, le=32)
+    """Quantile bins per numeric user feature (history length, rating mean, spread, share of high ratings); edges
+    from the training users' rows at the start of a run. Bins let the head carve any interval of a feature (a
+    middle bucket of history length, say), which a linear weight cannot."""
+    intercept_sd: float = Field(0.3, gt=0)
+    """Prior standard deviation of each action's population effect (rewards are NDCG differences)."""
+    group_sd: float = Field(0.3, gt=0)
+    """Prior standard deviation of the deviation of one category or bin from the population (a random effect,
+    learnt from that category's or bin's own users)."""
+    share_sd: float = Field(0.03, gt=0)
+    """Prior standard deviation of the weights of the ~40 dense genre-share columns (tight: they fit noise
+    otherwise)."""
+    noise_sd: float = Field(0.3, gt=0)
+    """Assumed standard deviation of a step reward around the model. The per-agent head counts the other agents'
+    choices as noise, which moves a reward by up to ~0.3; a smaller value lets one unlucky sample rule a
+    category's best action out for good."""
     draws: int = Field(64, ge=1)
-    """Posterior draws per observation for the choice probabilities."""
-    final_epochs: int = Field(0, ge=0)
-    """At the end of training, gradient steps of each actor's cross-entropy toward the evidence model's most
-    probable best action (its greedy choice), over the observations of every rollout of the run (kept for this as
-    for distill_on: all), so that the agents serve what the pooled evidence says for every user seen, a rare
-    genre's few among them, and not only what the last rollouts pulled them toward. On the planted check (variant
-    genre_final, 200 steps on top of ml100k.yaml's settings) it passed 10 of 12 runs of the 4-group rule against 9
-    without it, but moved single seeds by -0.077 .. +0.087 (experiments/results/planted.md): an option. It runs once
-    a run reaches its budget (an interrupted run resumes exactly; a finished run given more steps continues from its
-    distilled agents). 0: none."""
+    """Posterior draws per observation for the Thompson choice probabilities (the behaviour policy)."""
 
 
 class TrainConfig(_Section):
-    algo: Literal["ppo", "a2c"] = "ppo"
+    learner: Literal["thompson", "ppo"] = "thompson"
+    """thompson (the recommended learner, rpp.agents.learner, docs/learner.md): rollout actions are Thompson draws
+    of a Bayesian reward head over the user features; each agent's logits are that head's posterior mean plus a
+    neural residual (BERT state row, GRU over the ranking) trained by decoupled PPO. ppo: SB3's PPO alone over the
+    four agents (a benchmark baseline; on the planted check it serves the majority group and misses the rest)."""
     total_steps: int = Field(1024, ge=1)
     """Environment steps summed over all envs (= LLM calls before caching)."""
     n_steps: Optional[int] = None
     """Steps per env per rollout; default steps_per_episode * 2. Must be a multiple of steps_per_episode."""
-    batch_size: int = Field(32, ge=1)
-    n_epochs: int = Field(4, ge=1)
-    learning_rate: float = Field(3e-4, gt=0)
-    gamma: float = Field(0.9, ge=0, le=1)
+    batch_size: int = Field(48, ge=1)
+    """PPO minibatch size (capped at the rollout size n_envs * n_steps)."""
+    n_epochs: int = Field(10, ge=1)
+    """PPO epochs over each rollout."""
+    learning_rate: float = Field(1e-3, gt=0)
+    """Adam learning rate of the actors' residuals and the critic."""
+    gamma: float = Field(0.0, ge=0, le=1)
+    """Discount. 0: each step is judged by the NDCG of its own prompt (an episode is T tries at one user's prompt,
+    not a trajectory whose later steps depend on earlier rewards; docs/learner.md)."""
     gae_lambda: float = Field(0.95, ge=0, le=1)
-    ent_coef: float = Field(0.01, ge=0)
-    """Entropy bonus (summed over the four agents) at the start of training."""
+    """GAE lambda (irrelevant at gamma 0)."""
+    ent_coef: float = Field(0.0, ge=0)
+    """Entropy bonus (summed over the four agents) at the start of training. 0 for the thompson learner, whose
+    exploration is the Thompson draws; learner ppo needs it (0.05 annealed to 0 did best)."""
     ent_coef_final: Optional[float] = Field(None, ge=0)
     """If set, the entropy coefficient falls linearly from ent_coef to this value over the run."""
     vf_coef: float = Field(0.5, ge=0)
+    """Weight of the critic's loss."""
     clip_range: float = Field(0.2, gt=0)
+    """PPO's clip range of the ratio pi_new / pi_before_update."""
     max_grad_norm: float = Field(0.5, gt=0)
+    """Gradient norm clip."""
     hidden_size: int = Field(64, ge=1)
     """Width of each agent's GRU and actor MLP, and of the critic."""
+    ablate: list[Literal["state_row", "ranking_gru"]] = Field(default_factory=list)
+    """Parts of the agents' encoders to switch off, for ablations only (experiments/bench_planted.py): state_row
+    (the BERT embedding of the prompt state), ranking_gru (the GRU over the last ranking)."""
     checkpoint_every: int = Field(1, ge=1)
     """Save a resumable checkpoint every this many rollouts."""
     runs_dir: str = "runs"
+    """Where runs are written (<runs_dir>/<name>)."""
     check_users: int = Field(50, ge=0)
     """Validation users for the pre-training ranker check (ranker vs random vs popularity); 0 skips it."""
+    gate_users: Optional[int] = Field(None, ge=1)
+    """Validation users for the safe-improvement gate at the end of training (default: every validation user;
+    rpp.agents.gate). The gate serves the policy only where it beats the best fixed prompt with confidence."""
+    gate_alpha: float = Field(0.05, gt=0, lt=0.5)
+    """One-sided level of the gate's lower confidence bound on (policy - fixed) NDCG."""
     device: str = "cpu"
-    evidence: EvidenceConfig = Field(default_factory=EvidenceConfig)
-    """Pool every reward of the run beside PPO's on-policy update (see EvidenceConfig)."""
+    """torch device of the agents (cpu; the ranker has its own)."""
+    posterior: PosteriorConfig = Field(default_factory=PosteriorConfig)
+    """The thompson learner's Bayesian reward head (see PosteriorConfig)."""
 
 
 class EvalConfig(_Section):
@@ -488,21 +477,6 @@ class Config(_Section):
                 "shuffle would give the same scores at B times the cost): set prompt.show_candidates=true or "
                 "llm.bootstrap=1"
             )
-        if self.train.evidence.coef > 0 and self.train.algo != "ppo":
-            raise ValueError(f"train.evidence (coef {self.train.evidence.coef}) extends PPO; train.algo is "
-                             f"{self.train.algo!r}: set train.algo=ppo or train.evidence.coef=0")
-        ev = self.train.evidence
-        if ev.explore > 0 and ev.coef <= 0:
-            raise ValueError(f"train.evidence.explore={ev.explore} draws rollout actions from the evidence model, "
-                             "which runs only with train.evidence.coef > 0: set train.evidence.coef=1 or "
-                             "train.evidence.explore=0")
-        if ev.final_epochs > 0 and ev.coef <= 0:
-            raise ValueError(f"train.evidence.final_epochs={ev.final_epochs} distils the evidence model, which runs "
-                             "only with train.evidence.coef > 0: set train.evidence.coef=1 or "
-                             "train.evidence.final_epochs=0")
-        if ev.explore_beta < 1 and ev.explore <= 0:
-            raise ValueError(f"train.evidence.explore_beta={ev.explore_beta} shapes the exploration draws, which "
-                             "happen only with train.evidence.explore > 0: set train.evidence.explore too")
         return self
 
     @property

@@ -16,6 +16,7 @@ import math
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -24,38 +25,93 @@ from rpp.metrics import choice_diversity
 from rpp.prompts import PATTERNS
 
 
-def planted_check(cfg: Config, progress: bool = False, references: bool = True) -> dict:
-    """Train a run on cfg (whose llm.backend must be 'planted') and evaluate it greedily on cfg.eval.split.
-    references=False skips the group ceiling and the bandit references (about half a minute; the tests do)."""
+def planted_check(cfg: Config, progress: bool = False, references: bool = True,
+                  curve: Sequence[int] = (), curve_users: int = 100) -> dict:
+    """Train a run on cfg (whose llm.backend must be 'planted') and evaluate what it serves (the gated policy)
+    greedily on cfg.eval.split. references=False skips the group ceilings and the bandit references (the tests
+    do). curve: environment-step budgets at which the policy (ungated) is also scored on the first `curve_users`
+    evaluation users while it trains (the sample-efficiency curve; result["curve"])."""
     if cfg.llm.backend != "planted":
         raise ValueError("planted_check needs llm.backend: planted")
     from rpp.agents.evaluate import run_policy
+    from rpp.agents.gate import read_gate
     from rpp.agents.serving import load_algorithm
     from rpp.agents.checkpoints import latest_checkpoint
     from rpp.agents.train import train
     from rpp.envs import StateEncoder, make_core
     from rpp.llm import make_ranker
 
-    start = time.perf_counter()
-    run_dir = train(cfg, progress=progress)
-    train_s = time.perf_counter() - start
     ranker = make_ranker(cfg)
-    core = make_core(cfg, cfg.eval.split, ranker=ranker, encoder=StateEncoder(cfg.encoder))
+    encoder = StateEncoder(cfg.encoder)
+    core = make_core(cfg, cfg.eval.split, ranker=ranker, encoder=encoder)
+    callbacks = [CurveCallback(core, ranker, core.samples[:curve_users], curve, cfg)] if curve else []
+    start = time.perf_counter()
+    run_dir = train(cfg, progress=progress, callbacks=callbacks, ranker=ranker)
+    train_s = time.perf_counter() - start
     model = load_algorithm(cfg, latest_checkpoint(run_dir))
+    gate = read_gate(run_dir)
     samples = core.samples[:cfg.eval.n_users] if cfg.eval.n_users else core.samples
     records = run_policy(model.policy, core, samples, steps=cfg.eval.steps, batch_size=cfg.env.n_envs)
-    result = summarize_planted(ranker, core, records) | {"train_s": round(train_s, 1), "run_dir": str(run_dir)}
+    result = summarize_planted(ranker, core, records, gate=gate) | {"train_s": round(train_s, 1),
+                                                                    "run_dir": str(run_dir)}
+    if gate is not None:
+        result["gate"] = {key: gate[key] for key in ("served", "reason", "mean_diff", "lower_bound", "llm_calls")}
+    if curve:
+        result["curve"] = callbacks[0].points
     if references:
         result |= bandit_references(cfg, ranker) | {
-            "group_ceiling": feature_ceiling(cfg, ranker, core.encoder)["eval_accuracy"]}
+            "group_ceiling": feature_ceiling(cfg, ranker, core.encoder)["eval_accuracy"],
+            "group_ceiling_mlp": feature_ceiling(cfg, ranker, core.encoder, hidden=64)["eval_accuracy"]}
     return result
 
 
-def feature_ceiling(cfg: Config, ranker, encoder=None, l2: float = 1e-2) -> dict:
-    """How well the observation's user rows tell the planted groups apart at all: a softmax regression trained
-    on the TRAINING users' rows with their true group labels (which the learner never sees), scored on the
-    evaluation users. A learner rewarded only through NDCG cannot beat this supervised ceiling, so it is
-    reported beside every planted result."""
+class CurveCallback:
+    """Scores the policy being trained (greedy, ungated) on `samples` once the run passes each budget in
+    `points`: {budget: {"optimal_share", "captured_headroom"}} in self.points. An SB3 callback (built lazily so
+    this module imports without SB3 at the top)."""
+
+    def __new__(cls, core, ranker, samples, points, cfg):
+        from stable_baselines3.common.callbacks import BaseCallback
+
+        from rpp.agents.evaluate import run_policy
+
+        class _Curve(BaseCallback):
+            def __init__(self):
+                super().__init__()
+                self.todo = sorted(int(p) for p in points)
+                self.points: dict[int, dict] = {}
+
+            def _on_step(self) -> bool:
+                return True
+
+            def _on_rollout_end(self) -> None:
+                while self.todo and self.model.num_timesteps >= self.todo[0]:
+                    budget = self.todo.pop(0)
+                    records = run_policy(self.model.policy, core, samples, steps=cfg.eval.steps,
+                                         batch_size=cfg.env.n_envs)
+                    summary = summarize_planted(ranker, core, records)
+                    self.points[budget] = {"timesteps": int(self.model.num_timesteps),
+                                           "optimal_share": summary["optimal_share"],
+                                           "captured_headroom": summary["captured_headroom"]}
+
+            def _on_training_end(self) -> None:
+                # budgets past the last rollout (a run whose total is not a multiple of its rollout): the final
+                # policy stands for them
+                todo, self.todo = self.todo, [0]
+                if todo:
+                    self._on_rollout_end()
+                    final = self.points.pop(0)
+                    self.points.update({budget: final for budget in todo})
+
+        return _Curve()
+
+
+def feature_ceiling(cfg: Config, ranker, encoder=None, l2: float = 1e-2, hidden: int = 0) -> dict:
+    """How well the observation's user rows tell the planted groups apart at all: a softmax regression (hidden 0)
+    or a one-hidden-layer network (hidden > 0: a non-linear probe, which can carve a middle bucket) trained on the
+    TRAINING users' rows with their true group labels (which the learner never sees), scored on the evaluation
+    users. A learner rewarded only through NDCG cannot beat this supervised ceiling, so it is reported beside every
+    planted result."""
     import torch as th
 
     from rpp.envs import StateEncoder, make_core
@@ -68,24 +124,26 @@ def feature_ceiling(cfg: Config, ranker, encoder=None, l2: float = 1e-2) -> dict
         y = th.as_tensor([ranker.group[s.user] for s in core.samples])
         data[split] = (x, y)
     x, y = data["train"]
-    g = th.Generator().manual_seed(cfg.seed)
-    weight = (0.01 * th.randn(x.shape[1], ranker.rule.groups, generator=g)).requires_grad_()
-    bias = th.zeros(ranker.rule.groups, requires_grad=True)
-    opt = th.optim.LBFGS([weight, bias], max_iter=200, line_search_fn="strong_wolfe")
+    th.manual_seed(cfg.seed)
+    groups = ranker.rule.groups
+    net = (th.nn.Sequential(th.nn.Linear(x.shape[1], hidden), th.nn.Tanh(), th.nn.Linear(hidden, groups))
+           if hidden else th.nn.Linear(x.shape[1], groups))
+    opt = th.optim.LBFGS(list(net.parameters()), max_iter=300, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = th.nn.functional.cross_entropy(x @ weight + bias, y) + l2 * weight.pow(2).sum()
+        loss = th.nn.functional.cross_entropy(net(x), y) + l2 * sum(p.pow(2).sum() for p in net.parameters()
+                                                                    if p.ndim > 1)
         loss.backward()
         return loss
 
     opt.step(closure)
     with th.no_grad():
-        acc = {split: float(((xs @ weight + bias).argmax(1) == ys).float().mean()) for split, (xs, ys) in data.items()}
+        acc = {split: float((net(xs).argmax(1) == ys).float().mean()) for split, (xs, ys) in data.items()}
     return {"train_accuracy": acc["train"], "eval_accuracy": acc[cfg.eval.split]}
 
 
-def bandit_references(cfg: Config, ranker, prior_sd: float = 0.3) -> dict:
+def bandit_references(cfg: Config, ranker, prior_sd: float = 0.3, steps: int | None = None) -> dict:
     """Is the budget enough at all? Learners that are TOLD what the agents must find out: each user's group
     ("bandit_told_group") or the value of the feature that defines the groups ("bandit_told_feature": the dominant
     genre; None for other rules). Per told value and per agent (all four; they do not know which ones matter),
@@ -107,11 +165,11 @@ def bandit_references(cfg: Config, ranker, prior_sd: float = 0.3) -> dict:
         keys["bandit_told_feature"] = lambda s: dominant_genre(dataset.genres(item) for item in s.history)
     out = {"bandit_told_group": None, "bandit_told_feature": None}
     for name, key in keys.items():
-        out[name] = _told_bandit(cfg, ranker, split.train, users, key, prior_sd)
+        out[name] = _told_bandit(cfg, ranker, split.train, users, key, prior_sd, steps or cfg.train.total_steps)
     return out
 
 
-def _told_bandit(cfg: Config, ranker, train_users, eval_users, key, prior_sd: float) -> float:
+def _told_bandit(cfg: Config, ranker, train_users, eval_users, key, prior_sd: float, steps: int) -> float:
     """One learner of bandit_references, told key(sample); returns its share of optimal evaluation users."""
     from rpp.envs.core import UserStream
     from rpp.prompts import PromptBuilder
@@ -123,7 +181,7 @@ def _told_bandit(cfg: Config, ranker, train_users, eval_users, key, prior_sd: fl
     sums: dict = {}
     counts: dict = {}
     k, t = cfg.env.reward_k, cfg.env.steps_per_episode
-    for sample in UserStream(train_users, cfg.seed).take(math.ceil(cfg.train.total_steps / t)):
+    for sample in UserStream(train_users, cfg.seed).take(math.ceil(steps / t)):
         value = key(sample)
         for p in PATTERNS:
             sums.setdefault((value, p), np.zeros(len(ids[p])))
@@ -151,11 +209,20 @@ def _told_bandit(cfg: Config, ranker, train_users, eval_users, key, prior_sd: fl
     return float(np.mean(hits))
 
 
-def summarize_planted(ranker, core, records: list[dict], k: int = 10) -> dict:
-    """Scores of greedy evaluation records against the planted rule (see the module doc)."""
+def summarize_planted(ranker, core, records: list[dict], k: int = 10, gate: dict | None = None) -> dict:
+    """Scores of greedy evaluation records of the policy against the planted rule (see the module doc), and of
+    what the run SERVES: the policy, or the fixed prompt where its gate (gate.json) chose that.
+
+    captured_headroom H = (served NDCG - best fixed NDCG) / (oracle NDCG - best fixed NDCG); harm = (best fixed -
+    served) / best fixed (what a null rule is judged by), both against the best fixed prompt chosen WITH the
+    evaluation users' labels (an upper bound of any fixed prompt)."""
     rule = ranker.rule
     users = [r["user"] for r in records]
     taskwise = {p: a.id for p, a in core.builder.taskwise().items()}
+    if gate is not None and gate["served"] == "fixed":
+        fixed = gate["fixed_actions"]
+        records = [{**r, "actions": dict(fixed), "metrics": {f"ndcg@{k}": ranker.ndcg(r["user"], fixed, k)}}
+                   for r in records]
     hits = [all(r["actions"][p] == ranker.optimal_actions(r["user"])[p] for p in rule.agents) for r in records]
     policy_ndcg = np.array([r["metrics"][f"ndcg@{k}"] for r in records])
     oracle = np.array([ranker.ndcg(u, {**taskwise, **ranker.optimal_actions(u)}, k) for u in users])
@@ -182,14 +249,48 @@ def summarize_planted(ranker, core, records: list[dict], k: int = 10) -> dict:
         "best_fixed_ndcg": best_fixed,
         "best_fixed": best_combo,
         "taskwise_ndcg": float(taskwise_ndcg.mean()),
+        "served": "policy (no gate)" if gate is None else gate["served"],
+        "captured_headroom": captured_headroom(policy_ndcg.mean(), best_fixed, oracle.mean()),
+        "harm": float((best_fixed - policy_ndcg.mean()) / best_fixed) if best_fixed > 0 else math.nan,
         "distinct_prompts": distinct,
         "prompt_entropy_bits": bits,
     }
 
 
+def captured_headroom(served: float, best_fixed: float, oracle: float) -> float:
+    """(served - best fixed) / (oracle - best fixed): 1 = every user's best prompt, 0 = no better than one fixed
+    prompt, negative = worse; nan where no headroom exists (the oracle is no better than the best fixed prompt)."""
+    room = oracle - best_fixed
+    return float((served - best_fixed) / room) if room > 1e-9 else math.nan
+
+
 def passes(result: dict, share: float = 0.95, of_oracle: float = 0.95) -> bool:
     """The acceptance bar of the planted check."""
     return result["optimal_share"] >= share and result["ndcg_vs_oracle"] >= of_oracle
+
+
+FAMILY_FEATURES = ("genre", "recent_genre", "history_length", "mean_rating", "rating_spread")
+"""The user features a family rule may be defined by (all held by the user row; rpp.envs.features)."""
+
+
+def draw_family(n: int, family_seed: int, null_share: float = 0.25) -> list[dict]:
+    """n planted rules drawn from one seed: each with probability null_share a NULL rule (groups by a hash of the
+    user id, which nothing observable reveals), else a rule on one of FAMILY_FEATURES; any non-empty subset of the
+    four agents, 2-5 groups, additive or joint, noise 0.02 / 0.05 / 0.1. Rule i depends on (family_seed, i) only,
+    so a family of 20 starts with the family of 10."""
+    rules = []
+    for i in range(n):
+        rng = np.random.default_rng([family_seed, i, 0xFA])
+        null = bool(rng.random() < null_share)
+        agents = []
+        while not agents:
+            agents = [p for p in PATTERNS if rng.random() < 0.5]
+        rules.append({"feature": "user_hash" if null else str(rng.choice(FAMILY_FEATURES)),
+                      "agents": agents,
+                      "groups": int(rng.integers(2, 6)),
+                      "interaction": str(rng.choice(["additive", "joint"])),
+                      "noise": float(rng.choice([0.02, 0.05, 0.1]))})
+    return rules
 
 
 def planted_config(base: Config, groups: int, seed: int, runs_dir: str | Path, **rule) -> Config:

@@ -1,9 +1,8 @@
 """The four prompt agents (role, history, reasoning, format) as ONE stable-baselines3 actor-critic policy.
 
-Observation (from rpp.envs): a (C + K, D) float32 array with C = context_rows (2, or 3 with env.history_embedding):
-row 0 is the state embedding (BERT encoding of the current prompt state), rows 1..C-1 describe the user (numeric
-features with the episode step; the mean history embedding), rows C.. the embeddings of the candidates in the
-order of the LLM's last ranking.
+Observation (from rpp.envs): a (C + K, D) float32 array with C = context_rows (2 in the environment): row 0 is the
+state embedding (BERT encoding of the current prompt state), rows 1..C-1 describe the user (numeric features with
+the episode step), rows C.. the embeddings of the candidates in the order of the LLM's last ranking.
 Action: MultiDiscrete([n_role, n_history, n_reasoning, n_format]), one sentence id per agent.
 
 Design (centralized training, decentralized execution, as in RPP):
@@ -23,11 +22,16 @@ Design (centralized training, decentralized execution, as in RPP):
   nvec. The joint log-probability is the sum of the per-agent log-probabilities, so PPO's ratio is the product
   of the four agents' ratios (joint clipping) and the entropy bonus is the sum of the four entropies.
   Rollouts, advantages, clipping, optimisation, logging and save/load are SB3's.
+- With ``user_layout`` (the thompson learner, rpp.agents.learner), each agent's logits are its Bayesian reward
+  head's posterior mean over a fixed basis of the user row, divided by PRIOR_TEMPERATURE, PLUS the neural actor's
+  logits: the head is the agent's prior knowledge of which action pays for this user (updated by conjugate Bayes,
+  not by gradients: a buffer), the neural part a residual that PPO trains. ``mlp_extractor`` appends the head's
+  logits to latent_pi and ``action_net`` adds them to the heads' output.
 """
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch as th
@@ -64,31 +68,106 @@ def check_spaces(observation_space: spaces.Space, action_space: spaces.Space,
     return rows - context_rows, dim, nvec
 
 
+ABLATIONS = ("state_row", "ranking_gru")
+"""Encoder parts that train.ablate can switch off (ablations only)."""
+
+PRIOR_TEMPERATURE = 0.02
+"""Reward units per logit of the Bayesian head: a predicted NDCG gain of 0.02 over another action is one nat of
+preference, 0.1 five nats. Small, so that the head's posterior mean decides the served action wherever it sees a
+difference, and the neural residual only where it does not."""
+
+
 class RankingEncoder(nn.Module):
     """State embedding + GRU over the ranked candidate embeddings -> a latent of width `hidden`.
 
     The GRU's initial hidden state is a projection of the state embedding, so the ranking is read in the context
     of the prompt state; the output combines both. Inputs are (B, D) and (B, K, D), batch first (no reshape ever
-    mixes candidates of different users)."""
+    mixes candidates of different users). `ablate` switches parts off: state_row (h0 = 0: the state text is not
+    read), ranking_gru (the GRU's output replaced by h0: the ranking is not read)."""
 
-    def __init__(self, embed_dim: int, hidden: int):
+    def __init__(self, embed_dim: int, hidden: int, ablate: tuple[str, ...] = ()):
         super().__init__()
+        self.ablate = tuple(ablate)
         self.state_proj = nn.Linear(embed_dim, hidden)
         self.gru = nn.GRU(embed_dim, hidden, batch_first=True)
         self.out = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.Tanh())
 
     def forward(self, state: th.Tensor, ranking: th.Tensor) -> th.Tensor:
         h0 = th.tanh(self.state_proj(state))
+        if "state_row" in self.ablate:
+            h0 = th.zeros_like(h0)
+        if "ranking_gru" in self.ablate:
+            return self.out(th.cat([h0, h0], dim=-1))
         _, h_last = self.gru(ranking, h0.unsqueeze(0).contiguous())
         return self.out(th.cat([h0, h_last[0]], dim=-1))
+
+
+class UserBasis(nn.Module):
+    """A fixed non-linear basis of the user row (rpp.envs.features.UserFeatures.layout): [1; one-hot of each
+    categorical block (the slot that is on: standardized one-hots are > 0 exactly there); `bins` quantile-bin
+    one-hots of each numeric slot; the share slots as they are]. The bin edges are buffers, fit once from the
+    training users' rows (``fit``) and saved with the policy, so a user's basis never drifts."""
+
+    def __init__(self, layout: dict, bins: int):
+        super().__init__()
+        self.categorical = [tuple(int(v) for v in block) for block in layout["categorical"]]
+        self.numeric = [int(c) for c in layout["numeric"]]
+        self.shares = [int(c) for c in layout["shares"]]
+        self.bins = int(bins)
+        self.register_buffer("edges", th.zeros(len(self.numeric), self.bins - 1))
+        sizes = [1] + [b - a for a, b in self.categorical] + [self.bins] * len(self.numeric) + [len(self.shares)]
+        self.blocks = np.cumsum([0] + sizes)
+        """Start of each block in the basis: intercept, categorical blocks, numeric bins, shares."""
+        self.dim = int(self.blocks[-1])
+
+    def fit(self, rows: np.ndarray) -> None:
+        """Bin edges: per numeric slot, the inner quantiles of the training users' values (rows [N, D])."""
+        q = np.linspace(0, 1, self.bins + 1)[1:-1]
+        edges = np.quantile(np.asarray(rows, dtype=np.float64)[:, self.numeric], q, axis=0).T  # [n_numeric, bins-1]
+        self.edges.copy_(th.as_tensor(edges, dtype=th.float32))
+
+    def forward(self, row: th.Tensor) -> th.Tensor:
+        parts = [th.ones(len(row), 1, dtype=row.dtype, device=row.device)]
+        for a, b in self.categorical:
+            parts.append((row[:, a:b] > 0).to(row.dtype))
+        for i, c in enumerate(self.numeric):
+            idx = th.bucketize(row[:, c].contiguous(), self.edges[i].contiguous(), right=True)
+            parts.append(th.nn.functional.one_hot(idx, self.bins).to(row.dtype))
+        parts.append(row[:, self.shares])
+        return th.cat(parts, dim=-1)
+
+    def prior_sd(self, intercept: float, group: float, shares: float) -> np.ndarray:
+        """Per basis column: the prior standard deviation of its weight (intercept, categories and bins, shares)."""
+        sd = np.full(self.dim, group)
+        sd[0] = intercept
+        sd[self.blocks[-2]:] = shares
+        return sd
+
+
+class PosteriorHead(nn.Module):
+    """Per agent, [n_actions, basis] posterior-mean weights of the Bayesian reward head (buffers, set by the
+    learner after each update; rpp.agents.learner) and the basis they apply to. forward(user row) -> the
+    concatenated per-agent prior logits, mean predicted reward / PRIOR_TEMPERATURE."""
+
+    def __init__(self, layout: dict, bins: int, nvec: list[int]):
+        super().__init__()
+        self.basis = UserBasis(layout, bins)
+        self.nvec = list(nvec)
+        self.register_buffer("weights", th.zeros(sum(self.nvec), self.basis.dim))
+
+    def set_means(self, means: list[np.ndarray]) -> None:
+        self.weights.copy_(th.as_tensor(np.concatenate(means), dtype=th.float32))
+
+    def forward(self, row: th.Tensor) -> th.Tensor:
+        return self.basis(row) @ self.weights.T / PRIOR_TEMPERATURE
 
 
 class AgentEncoder(nn.Module):
     """One agent's (or the critic's) latent: [RankingEncoder(state, ranking); MLP(user rows)], width 2 * hidden."""
 
-    def __init__(self, embed_dim: int, hidden: int, user_rows: int):
+    def __init__(self, embed_dim: int, hidden: int, user_rows: int, ablate: tuple[str, ...] = ()):
         super().__init__()
-        self.ranking = RankingEncoder(embed_dim, hidden)
+        self.ranking = RankingEncoder(embed_dim, hidden, ablate)
         self.user = nn.Sequential(nn.Linear(user_rows * embed_dim, hidden), nn.Tanh(),
                                   nn.Linear(hidden, hidden), nn.Tanh())
 
@@ -100,13 +179,15 @@ class FourAgentExtractor(nn.Module):
     """SB3 ``mlp_extractor``: per-agent actor latents (concatenated) and the centralized critic latent."""
 
     def __init__(self, n_candidates: int, embed_dim: int, hidden: int, n_agents: int = len(PATTERNS),
-                 context_rows: int = 2):
+                 context_rows: int = 2, ablate: tuple[str, ...] = (), head: "PosteriorHead | None" = None):
         super().__init__()
         self.context_rows = context_rows
         self.n_rows, self.embed_dim = context_rows + n_candidates, embed_dim
-        self.agents = nn.ModuleList([AgentEncoder(embed_dim, hidden, context_rows - 1) for _ in range(n_agents)])
-        self.critic = AgentEncoder(embed_dim, hidden, context_rows - 1)
-        self.latent_dim_pi = n_agents * 2 * hidden
+        self.agents = nn.ModuleList([AgentEncoder(embed_dim, hidden, context_rows - 1, ablate)
+                                     for _ in range(n_agents)])
+        self.critic = AgentEncoder(embed_dim, hidden, context_rows - 1, ablate)
+        self.head = head
+        self.latent_dim_pi = n_agents * 2 * hidden + (sum(head.nvec) if head is not None else 0)
         self.latent_dim_vf = 2 * hidden
 
     def _split(self, features: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
@@ -118,7 +199,10 @@ class FourAgentExtractor(nn.Module):
 
     def forward_actor(self, features: th.Tensor) -> th.Tensor:
         parts = self._split(features)
-        return th.cat([agent(*parts) for agent in self.agents], dim=-1)
+        latents = [agent(*parts) for agent in self.agents]
+        if self.head is not None:
+            latents.append(self.head(parts[1][:, 0]))  # the prior logits, read off the user row
+        return th.cat(latents, dim=-1)
 
     def forward_critic(self, features: th.Tensor) -> th.Tensor:
         return self.critic(*self._split(features))
@@ -126,68 +210,82 @@ class FourAgentExtractor(nn.Module):
 
 class PerAgentHeads(nn.Module):
     """SB3 ``action_net``: agent i's Linear head reads only chunk i of latent_pi; logits are concatenated in
-    PATTERNS order (MultiCategoricalDistribution splits them by nvec)."""
+    PATTERNS order (MultiCategoricalDistribution splits them by nvec). With `prior` the last sum(nvec) entries of
+    latent_pi are the Bayesian head's prior logits, added to the Linear heads' output."""
 
-    def __init__(self, hidden: int, nvec: list[int]):
+    def __init__(self, hidden: int, nvec: list[int], prior: bool = False):
         super().__init__()
         self.hidden = hidden
         """Width of one agent's chunk of latent_pi."""
         self.heads = nn.ModuleList([nn.Linear(hidden, n) for n in nvec])
+        self.prior = prior
 
     def forward(self, latent_pi: th.Tensor) -> th.Tensor:
-        chunks = th.split(latent_pi, self.hidden, dim=-1)
-        return th.cat([head(chunk) for head, chunk in zip(self.heads, chunks, strict=True)], dim=-1)
+        n = len(self.heads) * self.hidden
+        chunks = th.split(latent_pi[:, :n], self.hidden, dim=-1)
+        logits = th.cat([head(chunk) for head, chunk in zip(self.heads, chunks, strict=True)], dim=-1)
+        return logits + latent_pi[:, n:] if self.prior else logits
 
 
 class FourAgentPolicy(ActorCriticPolicy):
     """Four separately parameterized actors (one GRU encoder + head each) and one centralized critic.
 
     Extra keywords: ``hidden_size`` (width of each agent's GRU and MLPs, and of the critic), from
-    cfg.train.hidden_size; ``context_rows`` (observation rows before the candidates; rpp.envs.core.context_rows).
+    cfg.train.hidden_size; ``context_rows`` (observation rows before the candidates; rpp.envs.core.CONTEXT_ROWS);
+    ``ablate`` (cfg.train.ablate); ``user_layout`` and ``bins`` (the Bayesian reward head of the thompson learner:
+    rpp.envs.features.UserFeatures.layout and cfg.train.posterior.bins; None: no head, the actors alone).
     ``net_arch`` is not used: the architecture is the one described in the module doc.
     """
 
     def __init__(self, observation_space: spaces.Space, action_space: spaces.Space, lr_schedule,
-                 hidden_size: int = 64, context_rows: int = 2, **kwargs: Any):
+                 hidden_size: int = 64, context_rows: int = 2, ablate: Sequence[str] = (),
+                 user_layout: dict | None = None, bins: int = 6, **kwargs: Any):
         self.context_rows = int(context_rows)
         self.n_candidates, self.embed_dim, self.nvec = check_spaces(observation_space, action_space,
                                                                     self.context_rows)
         self.hidden_size = int(hidden_size)
+        unknown = set(ablate) - set(ABLATIONS)
+        if unknown:
+            raise PolicySpaceError(f"ablate: unknown part(s) {sorted(unknown)}; known: {', '.join(ABLATIONS)}")
+        self.ablate = tuple(ablate)
+        self.user_layout = user_layout
+        self.bins = int(bins)
         kwargs.setdefault("features_extractor_class", FlattenExtractor)  # parameter-free; we reshape back to rows
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)
 
     behavior = None
-    """Set by rpp.agents.evidence.EvidencePPO during its rollouts only (train.evidence.explore): a callable
-    (obs, per-agent actor probabilities) -> per-agent probabilities to sample the rollout's actions from. None (and
-    always for deterministic actions): SB3's forward, sampling from the actors."""
+    """Set by rpp.agents.learner.ThompsonPPO during its rollouts only: a callable obs -> per-agent probabilities
+    to sample the rollout's actions from (the Thompson choice probabilities). None (and always for deterministic
+    actions): SB3's forward, sampling from the actors."""
 
     def forward(self, obs: th.Tensor, deterministic: bool = False) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
         """SB3's forward (actions, values, log-probabilities), or, while `behavior` is set, actions drawn per agent
-        from the behaviour distribution with ITS log-probability: PPO's ratio is then the actors' probability over
-        the behaviour's (importance weighting), clipped as usual."""
+        from the behaviour distribution with ITS log-probability (the learner's off-policy correction needs it)."""
         if self.behavior is None or deterministic:
             return super().forward(obs, deterministic)
-        latent_pi, latent_vf = self.mlp_extractor(self.extract_features(obs))
-        probs = [th.softmax(lg, dim=-1) for lg in th.split(self.action_net(latent_pi), self.nvec, dim=-1)]
-        dists = [th.distributions.Categorical(probs=p) for p in self.behavior(obs, probs)]
+        latent_vf = self.mlp_extractor.forward_critic(self.extract_features(obs))
+        dists = [th.distributions.Categorical(probs=p) for p in self.behavior(obs)]
         actions = th.stack([d.sample() for d in dists], dim=-1)
         log_prob = sum(d.log_prob(a) for d, a in zip(dists, actions.unbind(-1), strict=True))
         return actions, self.value_net(latent_vf), log_prob
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
-        data.update(hidden_size=self.hidden_size, context_rows=self.context_rows)
+        data.update(hidden_size=self.hidden_size, context_rows=self.context_rows, ablate=list(self.ablate),
+                    user_layout=self.user_layout, bins=self.bins)
         return data
 
     def _build(self, lr_schedule) -> None:
         # Mirrors ActorCriticPolicy._build with our extractor and per-agent heads (built before the optimizer,
         # so the optimizer owns exactly these parameters).
+        head = PosteriorHead(self.user_layout, self.bins, self.nvec) if self.user_layout is not None else None
         self.mlp_extractor = FourAgentExtractor(self.n_candidates, self.embed_dim, self.hidden_size,
-                                                context_rows=self.context_rows)
-        self.action_net = PerAgentHeads(2 * self.hidden_size, self.nvec)
+                                                context_rows=self.context_rows, ablate=self.ablate, head=head)
+        self.action_net = PerAgentHeads(2 * self.hidden_size, self.nvec, prior=head is not None)
         self.value_net = nn.Linear(self.mlp_extractor.latent_dim_vf, 1)
         if self.ortho_init:  # SB3's gains: sqrt(2) hidden layers, 0.01 policy output, 1 value output
             for module, gain in ((self.mlp_extractor, np.sqrt(2)), (self.action_net, 0.01), (self.value_net, 1.0)):
+                # (the reward head holds buffers only; init_weights touches Linear and Conv2d layers)
                 module.apply(partial(self.init_weights, gain=gain))
         self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
 
@@ -199,6 +297,11 @@ class FourAgentPolicy(ActorCriticPolicy):
         features = self.extract_features(obs_t, self.pi_features_extractor)
         logits = self.action_net(self.mlp_extractor.forward_actor(features))
         return list(th.split(logits, self.nvec, dim=-1))
+
+    @property
+    def head(self) -> "PosteriorHead | None":
+        """The Bayesian reward head (thompson learner), or None."""
+        return self.mlp_extractor.head
 
     def agent_probs(self, obs: th.Tensor | np.ndarray) -> list[np.ndarray]:
         """Each agent's action probabilities, (B, n_i) numpy arrays, without gradients."""

@@ -88,8 +88,7 @@ class PromptPolicy:
             from rpp.envs.features import UserRows
 
             self._dataset = load_dataset(self.cfg.data)
-            self._features = UserRows.fit(self._dataset, self.encoder.item_embeddings(self._dataset),
-                                          self.encoder.dim, history=self.cfg.env.history_embedding)
+            self._features = UserRows.fit(self._dataset, self.encoder.dim)
             self._title_genres = {self._dataset.title(i): self._dataset.genres(i)
                                   for i in self._dataset.items["item"].tolist()}
         return self._title_genres
@@ -102,9 +101,7 @@ class PromptPolicy:
         ctx = self.context(history_titles, candidates, ratings)
         taskwise = self.builder.taskwise()
         text = state_text(ctx, taskwise, self.builder.sentences(ctx, taskwise), 0, [], self.cfg.encoder)
-        history = self.encoder.encode(list(ctx.history_titles)) if ctx.history_titles else \
-            np.zeros((0, self.encoder.dim), dtype=np.float32)
-        user_rows = self._features.rows(ctx, history)
+        user_rows = self._features.rows(ctx)
         shown = list(ctx.candidate_titles[:self.n_candidates])
         cand = self.encoder.encode(shown) if shown else np.zeros((0, self.encoder.dim), dtype=np.float32)
         return observation(self.encoder.encode([text]), [user_rows], [cand], [0.0], self.n_candidates)[0]

@@ -1,8 +1,10 @@
-"""Train the four prompt agents with SB3 (PPO by default, A2C as an option) on the batched prompt environment.
+"""Train the four prompt agents with SB3 on the batched prompt environment: the thompson learner (the default,
+rpp.agents.learner) or PPO alone (train.learner: ppo, a baseline).
 
 Reads top to bottom: run directory -> seeding -> ranker, encoder and environment -> ranker sanity check ->
 derived sizes -> algorithm (new, or loaded from the last checkpoint) -> learn (SB3 owns rollouts, advantages,
-clipping, optimisation and logging; our callbacks only record and checkpoint) -> final checkpoint, usage, plot.
+optimisation and logging; our callbacks only record and checkpoint) -> final checkpoint, usage, plot -> the
+safe-improvement gate on validation users (rpp.agents.gate: serve the policy, or the best fixed prompt).
 
 Budget arithmetic: a rollout is n_steps = cfg.rollout_steps steps of each of the n_envs users-in-parallel, i.e.
 n_envs * n_steps environment steps (= LLM calls before caching); n_steps is a multiple of the episode length T, so
@@ -22,45 +24,43 @@ from typing import Optional, Sequence
 import numpy as np
 import torch as th
 import yaml
-from stable_baselines3 import A2C, PPO
+from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.utils import set_random_seed
 
+from rpp.agents.gate import safe_improvement_gate
 from rpp.agents.callbacks import EntropySchedule, ResumableCheckpoint, RolloutMetrics
 from rpp.agents.checkpoints import (
     atomic_write_text, check_resume_config, latest_checkpoint, load_run_config, load_state, read_jsonl,
     set_rng_states, write_json,
 )
-from rpp.agents.evidence import EvidencePPO
+from rpp.agents.learner import ThompsonPPO
 from rpp.agents.policy import PATTERNS, FourAgentPolicy
 from rpp.config import Config
-from rpp.envs.core import context_rows
+from rpp.envs.core import CONTEXT_ROWS
 
-ALGORITHMS = {"ppo": PPO, "a2c": A2C}
+ALGORITHMS = {"thompson": ThompsonPPO, "ppo": PPO}
 
 
 def algorithm_class(cfg: Config):
-    """The SB3 class a run trains and loads with: PPO, A2C, or PPO with evidence pooling (train.evidence)."""
-    if cfg.train.algo == "ppo" and cfg.train.evidence.coef > 0:
-        return EvidencePPO
-    return ALGORITHMS[cfg.train.algo]
+    """The SB3 class a run trains and loads with (train.learner)."""
+    return ALGORITHMS[cfg.train.learner]
 
 
-def algorithm_kwargs(cfg: Config, n_envs: int) -> dict:
-    """SB3 hyperparameters from cfg.train. PPO reads every field; A2C has no minibatches, epochs or clipping, so
-    batch_size, n_epochs and clip_range do not apply to it."""
+def algorithm_kwargs(cfg: Config, n_envs: int, core=None) -> dict:
+    """SB3 hyperparameters from cfg.train; for the thompson learner also the reward head's settings, layout and
+    the training users' rows its basis is fit on (from `core`, the training split's StepCore)."""
     t = cfg.train
+    policy_kwargs = dict(hidden_size=t.hidden_size, context_rows=CONTEXT_ROWS, ablate=list(t.ablate))
+    # a minibatch larger than the rollout would just be the rollout; SB3 warns on a ragged last minibatch
     kwargs = dict(learning_rate=t.learning_rate, n_steps=cfg.rollout_steps, gamma=t.gamma, gae_lambda=t.gae_lambda,
                   ent_coef=t.ent_coef, vf_coef=t.vf_coef, max_grad_norm=t.max_grad_norm,
-                  policy_kwargs=dict(hidden_size=t.hidden_size, context_rows=context_rows(cfg.env)), device=t.device,
-                  seed=cfg.seed, verbose=0)
-    if t.algo == "ppo":
-        # a minibatch larger than the rollout would just be the rollout; SB3 warns on a ragged last minibatch
-        kwargs.update(batch_size=min(t.batch_size, n_envs * cfg.rollout_steps), n_epochs=t.n_epochs,
-                      clip_range=t.clip_range)
-    if algorithm_class(cfg) is EvidencePPO:
-        kwargs.update(evidence=t.evidence)
+                  batch_size=min(t.batch_size, n_envs * cfg.rollout_steps), n_epochs=t.n_epochs,
+                  clip_range=t.clip_range, policy_kwargs=policy_kwargs, device=t.device, seed=cfg.seed, verbose=0)
+    if t.learner == "thompson":
+        policy_kwargs.update(user_layout=core.user_features.features.layout, bins=t.posterior.bins)
+        kwargs.update(posterior=t.posterior, basis_rows=np.stack([core.user_rows(s)[0] for s in core.samples]))
     return kwargs
 
 
@@ -148,10 +148,7 @@ def train(cfg: Optional[Config], resume: str | Path | None = None,
         algo_cls = algorithm_class(cfg)
         usage_before, resumed_at = None, -1
         if checkpoint is None:
-            kwargs = algorithm_kwargs(cfg, n_envs)
-            if algo_cls is EvidencePPO:
-                kwargs.update(category_columns=env.core.user_features.features.category_columns)
-            model = algo_cls(FourAgentPolicy, env, **kwargs)
+            model = algo_cls(FourAgentPolicy, env, **algorithm_kwargs(cfg, n_envs, env.core))
         else:
             model, state = _restore(algo_cls, checkpoint, env, cfg)
             resumed_at = state["rollouts"]
@@ -166,7 +163,7 @@ def train(cfg: Optional[Config], resume: str | Path | None = None,
         checkpoints = ResumableCheckpoint(
             run_dir, steps_per_rollout, cfg.train.checkpoint_every, resumed_at=resumed_at,
             extra_state=lambda: {"env": env.get_state(), "usage": metrics.usage_total().to_dict(),
-                                 **({"evidence": model.evidence_state()} if isinstance(model, EvidencePPO) else {})})
+                                 **({"learner": model.learner_state()} if isinstance(model, ThompsonPPO) else {})})
         ours = [metrics, checkpoints]
         if cfg.train.ent_coef_final is not None:
             schedule = EntropySchedule(cfg.train.ent_coef, cfg.train.ent_coef_final, total_timesteps)
@@ -177,12 +174,7 @@ def train(cfg: Optional[Config], resume: str | Path | None = None,
             model.learn(total_timesteps=remaining, reset_num_timesteps=checkpoint is None, log_interval=1,
                         callback=CallbackList([*ours, *(callbacks or [])]))
 
-        # ---- 8. final distillation (train.evidence.final_epochs), final checkpoint, usage, learning curve ---------
-        if isinstance(model, EvidencePPO):
-            agreement = model.final_distill()
-            if agreement is not None:
-                print(f"final distillation: the agents' greedy choices match the evidence model's on "
-                      f"{agreement:.1%} of the run's {len(model.past_obs)} observations", file=sys.stderr)
+        # ---- 8. final checkpoint, usage, learning curve ------------------------------------------------------------
         checkpoints.init_callback(model)
         checkpoints.save_now()
         usage = metrics.usage_total()
@@ -194,6 +186,11 @@ def train(cfg: Optional[Config], resume: str | Path | None = None,
                   f"{rows[-1]['mean_reward']:+.4f}, mean NDCG@{cfg.env.reward_k} {rows[-1]['mean_ndcg']:.4f}; "
                   f"usage: {usage}", file=sys.stderr)
         env.close()
+
+        # ---- 9. safe-improvement gate: serve the policy only where it beats the best fixed prompt ---------------
+        if cfg.data.n_val_users > 0:
+            gate = safe_improvement_gate(cfg, run_dir, model, ranker, encoder, progress=progress)
+            print(f"gate: serving the {gate['served']} ({gate['reason']})", file=sys.stderr)
     finally:
         if own_ranker:
             ranker.close()
@@ -217,8 +214,8 @@ def _restore(algo_cls, checkpoint: Path, env, cfg: Config):
                            "the data, split or encoder changed since the checkpoint")
     model._last_obs = obs
     model._last_episode_starts = np.ones((env.num_envs,), dtype=bool)
-    if isinstance(model, EvidencePPO):
-        model.load_evidence_state(state["evidence"])
+    if isinstance(model, ThompsonPPO):
+        model.load_learner_state(state["learner"])
     # last, so that nothing above (policy construction, env reset) consumes the restored random streams
     set_rng_states(state["rng"])
     return model, state

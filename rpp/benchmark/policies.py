@@ -116,8 +116,7 @@ def evaluate_policy(ctx: BenchContext, run_dir: str | Path, users: Sequence[User
     notes = _check_compatible(run_dir, run_cfg, ctx, users)
     model = load_algorithm(run_cfg, checkpoint)
     env_cfg = ctx.cfg.env.model_copy(update={"reward_baseline": "none", "steps_per_episode": int(steps),
-                                             "obs_candidates": run_cfg.env.obs_candidates,
-                                             "history_embedding": run_cfg.env.history_embedding})
+                                             "obs_candidates": run_cfg.env.obs_candidates})
     refiner = None
     if refine:
         source = run_cfg.refiner if run_cfg.refiner.enabled else ctx.cfg.refiner

@@ -5,12 +5,11 @@ prompts (with the RPP+ refiner's texts when one is attached), rank every user's 
 call, score the target's rank, and encode the next observations in one encoder batch. The three env faces only
 decide which users are in the batch and how results are packaged, so no step logic exists twice.
 
-Observation (per user): a (C + K, dim) float32 array in [-1, 1], C = ``context_rows(env_cfg)``:
+Observation (per user): a (C + K, dim) float32 array in [-1, 1], C = ``CONTEXT_ROWS`` (2):
 - row 0 embeds the state text (the four current sentences, the recent history, and from step 1 on the top of the
   last ranking): the BERT state of RPP;
-- row 1 holds the user's standardized features (genre shares, dominant genre, history length, rating statistics;
+- row 1 holds the user's standardized features (genre shares, dominant genres, history length, rating statistics;
   rpp.envs.features) and, in its last slot, the episode step t / T;
-- with env.history_embedding, row 2 is the mean embedding of the user's history titles;
 - rows C.. embed the candidate titles in the order of the last ranking (the presented order before the first
   step), so a policy sees both the prompt it used and what the LLM made of it (the GRU reads these rows).
 The user rows are what let agents tell users apart: the state text of step 0 is nearly the same for everyone.
@@ -46,10 +45,8 @@ from rpp.envs.encoder import ItemEmbeddings, StateEncoder
 from rpp.envs.features import UserRows
 
 
-def context_rows(env_cfg: EnvConfig) -> int:
-    """Observation rows before the candidate rows: the state text, the user features (+ step) and, with
-    env.history_embedding, the mean history embedding."""
-    return 2 + int(env_cfg.history_embedding)
+CONTEXT_ROWS = 2
+"""Observation rows before the candidate rows: the state text and the user features (+ step)."""
 
 
 @dataclass
@@ -130,13 +127,12 @@ class StepCore:
         self.steps_per_episode = self.env_cfg.steps_per_episode
         n_cand = max(len(s.candidates) for s in self.samples)
         self.obs_candidates = self.env_cfg.obs_candidates or n_cand
-        self.context_rows = context_rows(self.env_cfg)
+        self.context_rows = CONTEXT_ROWS
         self.observation_space = spaces.Box(low=-1.0, high=1.0,
                                             shape=(self.context_rows + self.obs_candidates, encoder.dim),
                                             dtype=np.float32)
         self.item_embeddings: ItemEmbeddings = encoder.item_embeddings(dataset)
-        self.user_features = UserRows.fit(dataset, self.item_embeddings, encoder.dim,
-                                          history=self.env_cfg.history_embedding)
+        self.user_features = UserRows.fit(dataset, encoder.dim)
         self._contexts: dict = {}
         self._user_rows: dict = {}
         self._baselines: dict = {}
@@ -174,8 +170,7 @@ class StepCore:
         """[C - 1, dim]: the user rows of the observation, computed once per user (history only)."""
         rows = self._user_rows.get(sample.user)
         if rows is None:
-            rows = self._user_rows[sample.user] = self.user_features.rows(
-                self.context(sample), self.item_embeddings.lookup(sample.history))
+            rows = self._user_rows[sample.user] = self.user_features.rows(self.context(sample))
         return rows
 
     def observe(self, states: Sequence[EpisodeState]) -> np.ndarray:

@@ -6,17 +6,16 @@ probe recovered a genre-defined user group from them with 0.64 accuracy against 
 Agents that must give different users different prompts need to see the user directly:
 
 - ``UserFeatures.numeric(context)``: genre shares of the whole history and of its last `RECENT` items, the
-  dominant genre of the history as a one-hot (one slot per genre of the dataset in each block, most frequent
-  genres first), the history length (log-scaled), rating mean, spread and share of high ratings (zeros where the
-  dataset has no ratings). Every value lies in [0, 1]. The one-hot matters: "which genre does this user watch
-  most" is an argmax over shares, which a policy trained on 200 users cannot recover reliably from the shares
-  alone (a logistic regression given the true labels reached 85% on held-out users; experiments/results/planted.md).
-- ``history_embedding(title_vectors)`` (with env.history_embedding): the mean title embedding of the history
-  (the same frozen encoder as the candidate rows), L2-normalized.
+  dominant genre of the whole history and of its last `RECENT` items as one-hots (one slot per genre of the dataset
+  in each block, most frequent genres first), the history length (log-scaled), rating mean, spread and share of
+  high ratings (zeros where the dataset has no ratings). Every value lies in [0, 1]. The one-hots matter: "which
+  genre does this user watch most" is an argmax over shares, which a policy trained on 200 users cannot recover
+  reliably from the shares alone (a logistic regression given the true labels reached 85% on held-out users).
+  ``UserFeatures.layout`` names the blocks (categorical, numeric, shares) for the learner's reward basis
+  (rpp.agents.learner.UserBasis).
 
-Both read the HISTORY only (never the target); the environment computes them once per user. Raw, they differ
-little between users (every history's mean embedding points the same way; genre shares are small numbers), so
-the rows are standardized with statistics of ALL users' histories in the dataset (each user's last interaction
+It reads the HISTORY only (never the target); the environment computes it once per user. Raw, genre shares are
+small numbers that differ little between users, so the rows are standardized with statistics of ALL users' histories in the dataset (each user's last interaction
 left out), fitted once per dataset and fixed: the same user always gets the same row, in training, evaluation and
 serving (unlike a reduction re-fitted on every batch). Standardized values are divided by 3 and clipped to [-1, 1].
 """
@@ -29,6 +28,10 @@ import numpy as np
 
 RECENT = 10
 """History items that count as recent for the recent-genre shares."""
+
+
+FEATURES = ("genre", "recent_genre", "history_length", "mean_rating", "rating_spread", "high_rating_share")
+"""The named user features of the row, in slot-block order (rpp.llm.planted can define its groups by any of them)."""
 
 
 def dominant_genre(history_genres) -> str | None:
@@ -54,19 +57,42 @@ class UserFeatures:
     scalars and the step slot fit in one row."""
 
     def __init__(self, genres: list[str], dim: int, max_history: int = 1000) -> None:
-        self.genres = list(genres)[:max(0, (dim - 5) // 3)]
+        self.genres = list(genres)[:max(0, (dim - 5) // 4)]
         self.slot = {g: i for i, g in enumerate(self.genres)}
         self.dim = dim
         self.log_max = math.log1p(max_history)
-        self.n_numeric = 3 * len(self.genres) + 4
+        self.n_numeric = 4 * len(self.genres) + 4
         """Filled slots; slot dim - 1 is the episode-step feature (set by the environment)."""
 
     @property
-    def category_columns(self) -> list[int]:
-        """The slots of the dominant-genre one-hot: the row's categorical feature (rpp.agents.evidence gives their
-        weights a prior of their own)."""
+    def layout(self) -> dict[str, list]:
+        """The row's blocks: categorical ([start, end) of each one-hot: dominant genre, recent dominant genre),
+        numeric (the slot of each scalar: history length, rating mean, spread, high-rating share) and shares
+        (the genre-share slots)."""
         g = len(self.genres)
-        return list(range(2 * g, 3 * g))
+        return {"categorical": [[2 * g, 3 * g], [3 * g, 4 * g]], "numeric": [4 * g + i for i in range(4)],
+                "shares": list(range(2 * g))}
+
+    def value(self, ctx, feature: str):
+        """One named feature (FEATURES) of a UserContext, raw: a genre name (or None) for the categorical ones, a
+        float for the others (nan without ratings)."""
+        if feature == "genre":
+            return dominant_genre(ctx.history_genres)
+        if feature == "recent_genre":
+            return dominant_genre(ctx.history_genres[-RECENT:])
+        if feature == "history_length":
+            return float(len(ctx.history_titles))
+        ratings = np.asarray(ctx.history_ratings, dtype=float)
+        ratings = ratings[~np.isnan(ratings)]
+        if not len(ratings):
+            return math.nan
+        if feature == "mean_rating":
+            return float(ratings.mean())
+        if feature == "rating_spread":
+            return float(ratings.std())
+        if feature == "high_rating_share":
+            return float((ratings >= 4).mean())
+        raise ValueError(f"unknown user feature {feature!r}; known: {', '.join(FEATURES)}")
 
     def _shares(self, history_genres) -> np.ndarray:
         out = np.zeros(len(self.genres), dtype=np.float32)
@@ -83,10 +109,11 @@ class UserFeatures:
         g = len(self.genres)
         row[:g] = self._shares(ctx.history_genres)
         row[g:2 * g] = self._shares(ctx.history_genres[-RECENT:])
-        top = dominant_genre(ctx.history_genres)
-        if top in self.slot:
-            row[2 * g + self.slot[top]] = 1.0
-        n = 3 * g
+        for block, feature in ((2, "genre"), (3, "recent_genre")):
+            top = self.value(ctx, feature)
+            if top in self.slot:
+                row[block * g + self.slot[top]] = 1.0
+        n = 4 * g
         row[n] = min(1.0, math.log1p(len(ctx.history_titles)) / self.log_max)
         ratings = np.asarray(ctx.history_ratings, dtype=float)
         ratings = ratings[~np.isnan(ratings)]
@@ -98,27 +125,17 @@ class UserFeatures:
         return np.clip(row, 0.0, 1.0)
 
 
-def history_embedding(title_vectors: np.ndarray) -> np.ndarray:
-    """Mean of the history's title embeddings, L2-normalized (zeros for an empty history)."""
-    if len(title_vectors) == 0:
-        return np.zeros(title_vectors.shape[-1], dtype=np.float32)
-    mean = np.asarray(title_vectors, dtype=np.float64).mean(axis=0)
-    norm = float(np.linalg.norm(mean))
-    return np.clip(mean / norm if norm > 0 else mean, -1.0, 1.0).astype(np.float32)
-
-
 class UserRows:
-    """Standardized observation rows 1-2 for a user context (see the module doc). Build with `fit`."""
+    """The standardized user row of the observation (row 1) for a user context (see the module doc). Build with
+    `fit`."""
 
-    def __init__(self, features: UserFeatures, mean: np.ndarray, scale: np.ndarray, history: bool) -> None:
+    def __init__(self, features: UserFeatures, mean: np.ndarray, scale: np.ndarray) -> None:
         self.features = features
         self.mean = mean
         self.scale = scale
-        self.history = history
-        """Whether the mean history embedding is a second row."""
 
     @classmethod
-    def fit(cls, dataset, item_embeddings, dim: int, history: bool = False) -> "UserRows":
+    def fit(cls, dataset, dim: int) -> "UserRows":
         """Statistics over every user's history in `dataset` (leave-last-out, ordered by time)."""
         features = UserFeatures(genre_vocabulary(dataset), dim)
         inter = dataset.interactions.sort_values(["user", "timestamp"], kind="stable")
@@ -131,21 +148,14 @@ class UserRows:
 
             ctx = SimpleNamespace(history_titles=items, history_ratings=g["rating"].tolist()[:-1],
                                   history_genres=[dataset.genres(i) for i in items])
-            raw.append(cls._raw(features, ctx, item_embeddings.lookup(items), history))
+            raw.append(features.numeric(ctx)[None])
         raw = np.asarray(raw, dtype=np.float64)  # [users, rows, dim]
         mean, std = raw.mean(axis=0), raw.std(axis=0)
         scale = np.where(std > 1e-8, 3.0 * std, 1.0)
         mean[0, dim - 1], scale[0, dim - 1] = 0.0, 1.0  # the step slot is the environment's, left as is
-        return cls(features, mean.astype(np.float32), scale.astype(np.float32), history)
+        return cls(features, mean.astype(np.float32), scale.astype(np.float32))
 
-    @staticmethod
-    def _raw(features: UserFeatures, context, history_vectors: np.ndarray, history: bool) -> np.ndarray:
-        rows = [features.numeric(context)]
-        if history:
-            rows.append(history_embedding(history_vectors))
-        return np.stack(rows)
-
-    def rows(self, context, history_vectors: np.ndarray) -> np.ndarray:
-        """[1 or 2, dim] float32 in [-1, 1] for a UserContext and its history titles' embeddings."""
-        raw = self._raw(self.features, context, history_vectors, self.history)
+    def rows(self, context) -> np.ndarray:
+        """[1, dim] float32 in [-1, 1] for a UserContext."""
+        raw = self.features.numeric(context)[None]
         return np.clip((raw - self.mean) / self.scale, -1.0, 1.0).astype(np.float32)

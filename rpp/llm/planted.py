@@ -30,33 +30,42 @@ class PlantedRequestError(ValueError):
 
 
 def user_groups(samples: Sequence, dataset, n_groups: int, feature: str) -> dict:
-    """user -> group index in [0, n_groups), from an observable feature of the user's HISTORY (never the target).
+    """user -> group index in [0, n_groups), from an observable feature of the user's HISTORY (never the target),
+    or from a hash of the user id (feature user_hash: a null rule).
 
-    genre: each user's dominant history genre (rpp.envs.features.dominant_genre); genres are dealt to groups largest
-    first, each to the group with the fewest users so far, so groups come out about equally large.
-    history_length: quantile buckets of the history length."""
+    Categorical features (genre, recent_genre): the users' values are dealt to groups largest first, each to the
+    group with the fewest users so far, so groups come out about equally large. Numeric ones (history_length and
+    the rating statistics): quantile buckets of the value over these samples."""
     if n_groups == 1:
         return {s.user: 0 for s in samples}
-    if feature == "history_length":
-        lengths = np.array([len(s.history) for s in samples], dtype=float)
-        edges = np.quantile(lengths, np.linspace(0, 1, n_groups + 1)[1:-1])
-        return {s.user: int(np.searchsorted(edges, len(s.history), side="right")) for s in samples}
-    from rpp.envs.features import dominant_genre
+    if feature == "user_hash":
+        return {s.user: _stable(("group", s.user)) % n_groups for s in samples}
+    from rpp.envs.features import FEATURES, UserFeatures
+    from rpp.prompts import UserContext
 
-    dominant = {}
-    for s in samples:
-        dominant[s.user] = dominant_genre(dataset.genres(item) for item in s.history)
-        if dominant[s.user] is None:
-            raise PlantedRequestError(f"user {s.user!r} has no genres in the history; the planted rule's feature "
-                                      "'genre' needs a dataset with genres (use feature: history_length)")
-    sizes = Counter(dominant.values())
-    load = [0] * n_groups
-    group_of_genre = {}
-    for genre, size in sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0])):
-        g = int(np.argmin(load))
-        group_of_genre[genre] = g
-        load[g] += size
-    return {user: group_of_genre[genre] for user, genre in dominant.items()}
+    if feature not in FEATURES:
+        raise PlantedRequestError(f"planted feature {feature!r} is not one of {', '.join(FEATURES)} or user_hash")
+    reader = UserFeatures([], dim=8)
+    values = {s.user: reader.value(UserContext.from_sample(s, dataset), feature) for s in samples}
+    if feature in ("genre", "recent_genre"):
+        missing = [u for u, v in values.items() if v is None]
+        if missing:
+            raise PlantedRequestError(f"user {missing[0]!r} has no genres in the history; the planted rule's "
+                                      f"feature {feature!r} needs a dataset with genres (use history_length)")
+        sizes = Counter(values.values())
+        load = [0] * n_groups
+        group_of = {}
+        for value, size in sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0])):
+            g = int(np.argmin(load))
+            group_of[value] = g
+            load[g] += size
+        return {user: group_of[value] for user, value in values.items()}
+    numbers = np.array([values[s.user] for s in samples], dtype=float)
+    if np.isnan(numbers).all():
+        raise PlantedRequestError(f"planted feature {feature!r}: no user has ratings in this dataset")
+    edges = np.nanquantile(numbers, np.linspace(0, 1, n_groups + 1)[1:-1])
+    return {s.user: int(np.searchsorted(edges, v, side="right")) if not np.isnan(v) else 0
+            for s, v in zip(samples, numbers)}
 
 
 class PlantedRanker(Ranker):
