@@ -10,7 +10,7 @@ from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from rpp.agents.policy import PATTERNS, FourAgentPolicy, PolicySpaceError, distribution_stats
-C = 3  # state row + two user rows (the layout with env.history_embedding)
+C = 3  # state row + two user rows: the policy takes any number of user rows (the environment has one)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

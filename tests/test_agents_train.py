@@ -72,16 +72,18 @@ class InitialParameters(BaseCallback):
         return True
 
 
-def test_a2c_trains_and_writes_a_complete_run_dir(tmp_path):
+def test_default_learner_trains_and_writes_a_complete_run_dir(tmp_path):
     from rpp.agents import train
+    from rpp.agents.learner import ThompsonPPO
 
-    cfg = tiny_cfg(tmp_path, "a2c", "train.algo=a2c", "train.check_users=6")
+    cfg = tiny_cfg(tmp_path, "default", "train.check_users=6")
+    assert cfg.train.learner == "thompson"
     snapshot = InitialParameters()
     ranker = PromptHashRanker()
     run_dir = train(cfg, ranker=ranker, progress=False, callbacks=[snapshot])
-    assert run_dir == tmp_path / "runs" / "a2c"
+    assert run_dir == tmp_path / "runs" / "default"
     for name in ("config.yaml", "actions.yaml", "metrics.jsonl", "usage.json", "learning_curve.png",
-                 "ranker_check.json", "checkpoints/latest"):
+                 "ranker_check.json", "gate.json", "checkpoints/latest"):
         assert (run_dir / name).is_file(), name
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -90,7 +92,7 @@ def test_a2c_trains_and_writes_a_complete_run_dir(tmp_path):
     tags = set(events.Tags()["scalars"])
     for p in ("role", "history", "reasoning", "format"):  # each agent's distribution is logged separately
         assert {f"agents/{p}/entropy", f"agents/{p}/p_argmax"} <= tags
-    assert len(events.Scalars("agents/role/entropy")) == 3  # one point per rollout (A2C too)
+    assert len(events.Scalars("agents/role/entropy")) == 3  # one point per rollout
     assert {"rollout/mean_reward", "rollout/mean_ndcg", "llm/calls", "llm/cache_hits", "llm/calls_per_s"} <= tags
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["timesteps"] for r in rows] == [8, 16, 24]  # 4 envs x 2 steps per rollout, 3 rollouts
@@ -99,21 +101,36 @@ def test_a2c_trains_and_writes_a_complete_run_dir(tmp_path):
         assert all(abs(sum(p.values()) - 1) < 1e-4 for p in r["mean_probs"].values())
         assert r["llm_calls"] >= 8  # the steps (+ task-wise baselines of new users)
     usage = json.loads((run_dir / "usage.json").read_text())
-    # every ranker call is accounted: the 6 ranker-check users, then each rollout's steps and baselines
-    assert usage["llm"]["calls"] == ranker.usage.snapshot().calls == sum(r["llm_calls"] for r in rows) + 6
+    gate = json.loads((run_dir / "gate.json").read_text())
+    # every ranker call is accounted: the 6 ranker-check users, each rollout's steps and baselines, and the gate's
+    assert usage["llm"]["calls"] == sum(r["llm_calls"] for r in rows) + 6
+    assert ranker.usage.snapshot().calls == usage["llm"]["calls"] + gate["llm_calls"] and gate["llm_calls"] > 0
+    assert gate["served"] in ("policy", "fixed") and gate["n_users"] == 8
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert saved["train"]["algo"] == "a2c"
-    from stable_baselines3 import A2C
+    assert saved["train"]["learner"] == "thompson"
 
-    model = A2C.load(run_dir / "checkpoints" / "rollout-000003" / "model.zip")
+    model = ThompsonPPO.load(run_dir / "checkpoints" / "rollout-000003" / "model.zip")
     assert model.num_timesteps == 24
     final = model.policy.state_dict()
     changed = [name for name, value in snapshot.initial.items() if not th.equal(value, final[name])]
-    # every agent's GRU, user encoder and head, and the critic, were updated by A2C
+    # every agent's GRU, user encoder and head, and the critic, were updated
     for part in [f"mlp_extractor.agents.{i}.{net}" for i in range(4) for net in ("ranking.gru", "user")] \
             + [f"action_net.heads.{i}" for i in range(4)] \
             + ["mlp_extractor.critic", "value_net"]:
         assert any(name.startswith(part) for name in changed), part
+
+    # evaluate applies the gate's decision and says what it served
+    from rpp.agents import evaluate
+
+    served = evaluate(run_dir, steps=1, n_users=4, ranker=ranker)
+    assert served.served == gate["served"] and served.served_reason == gate["reason"]
+    fixed = {**gate, "served": "fixed", "reason": "test", "fixed_indices": [1, 0, 1, 0]}
+    (run_dir / "gate.json").write_text(json.dumps(fixed))
+    result = evaluate(run_dir, steps=1, n_users=4, ranker=ranker)
+    assert result.served == "fixed" and "served: the fixed (test)" in result.table()
+    ids = {p: list(counts) for p, counts in result.action_counts.items()}
+    for p, i in zip(("role", "history", "reasoning", "format"), fixed["fixed_indices"]):
+        assert result.action_counts[p][ids[p][i]] == 4
 
 
 def test_custom_action_set_with_7_roles_and_3_formats_trains_without_code_changes(tmp_path):

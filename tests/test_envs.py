@@ -96,33 +96,35 @@ def test_reset_observation_layout(core):
 
 
 def test_user_features_read_the_history_and_are_fixed_per_dataset(cfg, encoder):
-    """Genre shares and history statistics come from the history; the standardization is fitted on the whole
-    dataset once, so a user's rows are identical in the train core and in a core of another split."""
+    """Genre shares (whole and recent history), dominant-genre one-hots and history statistics come from the
+    history; the standardization is fitted on the whole dataset once, so a user's row is identical in the train
+    core and in a core of another split."""
     from types import SimpleNamespace
 
-    from rpp.envs.features import UserFeatures, history_embedding
+    from rpp.envs.features import RECENT, UserFeatures
 
-    feats = UserFeatures(["Drama", "Comedy", "Horror"], dim=16)
-    ctx = SimpleNamespace(history_titles=["a", "b", "c", "d"], history_ratings=[5.0, 4.0, np.nan, 2.0],
-                          history_genres=[("Drama",), ("Drama", "Comedy"), ("Drama",), ("Horror",)])
+    feats = UserFeatures(["Drama", "Comedy", "Horror"], dim=20)
+    history = [("Drama",), ("Drama", "Comedy"), ("Drama",), ("Horror",)] + [("Comedy",)] * RECENT
+    ctx = SimpleNamespace(history_titles=["t"] * len(history), history_ratings=[5.0, 4.0, np.nan, 2.0] + [3.0] * RECENT,
+                          history_genres=history)
     row = feats.numeric(ctx)
-    np.testing.assert_allclose(row[:3], [3 / 5, 1 / 5, 1 / 5])  # genre shares of the whole history
-    assert row[6:9].tolist() == [1.0, 0.0, 0.0]  # the dominant genre, one-hot
-    assert row[10] == pytest.approx((11 / 3 - 1) / 4) and row[12] == pytest.approx(2 / 3)  # rating mean, share >= 4
-    vecs = np.array([[1.0, 0.0], [0.0, 1.0]])
-    np.testing.assert_allclose(history_embedding(vecs), [2 ** -0.5, 2 ** -0.5])
+    np.testing.assert_allclose(row[:3], np.array([3, 11, 1]) / 15)  # genre shares of the whole history
+    np.testing.assert_allclose(row[3:6], [0, 1, 0])  # ... and of the last RECENT items
+    assert row[6:9].tolist() == [0.0, 1.0, 0.0] and row[9:12].tolist() == [0.0, 1.0, 0.0]  # dominant, recent dominant
+    assert feats.value(ctx, "genre") == "Comedy" and feats.value(ctx, "history_length") == len(history)
+    ratings = np.array([5.0, 4.0, 2.0] + [3.0] * RECENT)
+    assert row[13] == pytest.approx((ratings.mean() - 1) / 4) and row[15] == pytest.approx(2 / len(ratings))
+    assert feats.value(ctx, "mean_rating") == pytest.approx(ratings.mean())
+    assert feats.layout == {"categorical": [[6, 9], [9, 12]], "numeric": [12, 13, 14, 15], "shares": list(range(6))}
+    with pytest.raises(ValueError, match="unknown user feature"):
+        feats.value(ctx, "zodiac")
 
     train = make_core(cfg, "train", ranker=HashRanker(), encoder=encoder)
     rows_train = train.user_rows(train.samples[0])
     again = make_core(cfg, "test", ranker=HashRanker(), encoder=encoder)
     np.testing.assert_array_equal(again.user_rows(train.samples[0]), rows_train)
     assert rows_train.shape == (1, encoder.dim) and np.abs(rows_train).max() <= 1.0
-    # opt-in: the mean history embedding as a second user row, standardized the same way
-    with_history = make_core(cfg_with("env.history_embedding=true"), "train", ranker=HashRanker(), encoder=encoder)
-    rows = with_history.user_rows(train.samples[0])
-    assert with_history.context_rows == 3 and rows.shape == (2, encoder.dim)
-    np.testing.assert_array_equal(rows[0], rows_train[0])
-    assert with_history.reset(train.samples[:1])[1].shape == (1, 3 + with_history.obs_candidates, encoder.dim)
+    assert train.context_rows == 2
 
 
 def test_step_reward_is_ndcg_minus_taskwise_baseline(core):

@@ -143,32 +143,35 @@ def test_the_environment_tags_its_requests(ranker):
 
 
 @pytest.mark.slow
-def test_the_learner_personalizes_a_planted_rule(tmp_path, one_thread):
-    """The learner's unit test (a small version of experiments/bench_planted.py): two user groups by dominant
-    genre want different history and reasoning sentences. Trained with the recorded ML-100K learner settings and
-    budget, the greedy agents must give most held-out users their OWN group's best prompt, which one prompt for
-    everyone cannot do (the learner as it was gave every user group 0's prompt: 63% optimal, group 1 at 0%)."""
+def test_the_learner_finds_a_rule_on_a_numeric_feature(tmp_path, one_thread):
+    """The learner's unit test (a small version of experiments/bench_planted.py): three user groups by MEAN RATING
+    (low / middle / high: the middle one is a bucket no linear function of the feature carves out) want different
+    history and format sentences. Trained with experiments/ml100k.yaml's learner and budget, the run must serve
+    its policy (the gate) and capture most of the headroom over the best fixed prompt, with every group served its
+    own best prompt (the earlier learner, linear in the user row, found 0.09-0.13 of such a middle group)."""
     from rpp.agents.planted import planted_check, planted_config
 
     base = load_config("experiments/ml100k.yaml", FAST_PLANTED)
-    result = planted_check(planted_config(base, groups=2, seed=0, runs_dir=tmp_path), references=False)
-    assert result["distinct_prompts"] >= 2
-    assert min(result["optimal_share_by_group"]) >= 0.75, result
-    assert result["optimal_share"] >= 0.85 and result["policy_ndcg"] > result["best_fixed_ndcg"], result
+    rule = dict(feature="mean_rating", agents=["history", "format"], interaction="additive", noise=0.05)
+    result = planted_check(planted_config(base, groups=3, seed=1, runs_dir=tmp_path, **rule), references=False)
+    assert result["served"] == "policy", result["gate"]
+    assert result["captured_headroom"] >= 0.6 and result["distinct_prompts"] >= 3, result
+    assert min(result["optimal_share_by_group"]) >= 0.5, result
 
 
 @pytest.mark.slow
-def test_evidence_pooling_serves_the_small_groups_too(tmp_path, one_thread):
-    """Four groups (the majority and three small ones): PPO alone serves the majority and misses most small groups
-    (63-73% of users optimal in experiments/results/planted.md); with evidence pooling, the learner now in
-    ml100k.yaml, at least two of the three small groups must get their own best prompt as well."""
+def test_the_learner_never_serves_below_the_best_fixed_prompt_on_a_null_rule(tmp_path, one_thread):
+    """A NULL rule: three groups by a hash of the user id, which nothing in the observation reveals, so no policy
+    can personalize it and the best any run can do is the best fixed prompt. What the run serves (the policy or,
+    through the safe-improvement gate, its fixed prompt) must be within 2% of the best fixed prompt chosen with
+    the test users' labels (the earlier learner spread users over ~40 prompts, 11-13% below it)."""
     from rpp.agents.planted import planted_check, planted_config
 
     base = load_config("experiments/ml100k.yaml", FAST_PLANTED)
-    assert base.train.evidence.coef > 0
-    result = planted_check(planted_config(base, groups=4, seed=0, runs_dir=tmp_path), references=False)
-    small_served = sum(share >= 0.75 for share in result["optimal_share_by_group"][1:])
-    assert small_served >= 2 and result["optimal_share"] >= 0.85, result
+    rule = dict(feature="user_hash", agents=["role", "history"], interaction="additive", noise=0.05)
+    result = planted_check(planted_config(base, groups=3, seed=2, runs_dir=tmp_path, **rule), references=False)
+    assert result["gate"]["n_answered"] == result["gate"]["n_users"] > 0
+    assert result["harm"] <= 0.02, result
 
 
 def test_bandit_told_the_groups_finds_them_with_enough_budget_only():

@@ -99,12 +99,15 @@ class EvalResult:
     ranker_failures: int
     ranker_check: Optional[dict] = None
     checkpoint: str = ""
+    served: str = "policy"
+    """What the run serves: "policy" or "fixed" (the safe-improvement gate's decision, rpp.agents.gate)."""
+    served_reason: str = ""
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
             "run": self.run, "split": self.split, "steps": self.steps, "n_users": self.n_users,
-            "checkpoint": self.checkpoint,
+            "checkpoint": self.checkpoint, "served": self.served, "served_reason": self.served_reason,
             "policy": {m: e.__dict__ for m, e in self.policy.items()},
             "taskwise": {m: e.__dict__ for m, e in self.taskwise.items()},
             "paired_vs_taskwise": {m: t.__dict__ for m, t in self.paired.items()},
@@ -119,7 +122,8 @@ class EvalResult:
         mode = "one-shot" if self.steps == 1 else f"{self.steps} greedy steps, last step's ranking"
         lines = [
             f"run {self.run} | split {self.split} | {self.n_users} users | {mode}",
-            f"{'metric':8s}  {'policy':27s}  {'task-wise prompt':27s}  {'diff':>8s}  {'p':>7s}",
+            f"served: the {self.served} ({self.served_reason})",
+            f"{'metric':8s}  {'served':27s}  {'task-wise prompt':27s}  {'diff':>8s}  {'p':>7s}",
         ]
         for m in METRIC_NAMES:
             t = self.paired[m]
@@ -149,6 +153,7 @@ def evaluate(run_dir: str | Path, split: Optional[str] = None, steps: Optional[i
     the task-wise prompt on the same users. Writes eval-<split>-T<steps>.json and prompts.jsonl in the run dir.
     cfg_overrides: ``section.key=value`` strings applied to the run's config (e.g. llm.cache=false); ranker: an
     already-built rpp Ranker to use instead of make_ranker(cfg) (the caller keeps ownership)."""
+    from rpp.agents.gate import GatedPolicy, read_gate
     from rpp.agents.serving import load_algorithm
     from rpp.envs import StateEncoder, make_core
     from rpp.llm import make_ranker
@@ -161,6 +166,8 @@ def evaluate(run_dir: str | Path, split: Optional[str] = None, steps: Optional[i
     if checkpoint is None:
         raise FileNotFoundError(f"{run_dir}: no checkpoint to evaluate (train first)")
     model = load_algorithm(cfg, checkpoint)
+    gate = read_gate(run_dir)
+    served = GatedPolicy(model.policy, gate)
     # the reward is not used here; "none" avoids a second task-wise call per user (we make our own, below)
     cfg.env.reward_baseline = "none"
     t0 = time.perf_counter()
@@ -178,7 +185,7 @@ def evaluate(run_dir: str | Path, split: Optional[str] = None, steps: Optional[i
 
         before = ranker.usage.snapshot()
         t_policy = time.perf_counter()
-        records = run_policy(model.policy, core, samples, steps, batch)
+        records = run_policy(served, core, samples, steps, batch)
         policy_wall = time.perf_counter() - t_policy
         after = ranker.usage.snapshot()
         base_ranks = taskwise_ranks(core, samples, batch)
@@ -206,6 +213,8 @@ def evaluate(run_dir: str | Path, split: Optional[str] = None, steps: Optional[i
         ranker_failures=sum(r["ranker_failed"] for r in records),
         ranker_check=_read_json(run_dir / "ranker_check.json"),
         checkpoint=checkpoint.name,
+        served=served.served,
+        served_reason=gate["reason"] if gate else "the run has no gate record (trained without validation users)",
     )
     if core.refiner is not None:  # RPP+: how many rewrites were used, and why the others were not
         result.extra["refiner"] = core.refiner.stats()

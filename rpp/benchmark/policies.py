@@ -102,6 +102,7 @@ def evaluate_policy(ctx: BenchContext, run_dir: str | Path, users: Sequence[User
     Returns (rankings, notes, training usage, refiner stats or None)."""
     from rpp.agents import run_policy
     from rpp.agents.checkpoints import latest_checkpoint
+    from rpp.agents.gate import GatedPolicy, read_gate
     from rpp.agents.serving import load_algorithm
     from rpp.envs import StepCore
     from rpp.prompts.refiner import make_refiner
@@ -115,6 +116,9 @@ def evaluate_policy(ctx: BenchContext, run_dir: str | Path, users: Sequence[User
         raise BenchmarkError(f"benchmark.runs: {run_dir} has no checkpoint (train it first)")
     notes = _check_compatible(run_dir, run_cfg, ctx, users)
     model = load_algorithm(run_cfg, checkpoint)
+    gate = read_gate(run_dir)
+    served = GatedPolicy(model.policy, gate)
+    notes.append(f"serves the {served.served}" + (f" ({gate['reason']})" if gate else ""))
     env_cfg = ctx.cfg.env.model_copy(update={"reward_baseline": "none", "steps_per_episode": int(steps),
                                              "obs_candidates": run_cfg.env.obs_candidates})
     refiner = None
@@ -136,7 +140,7 @@ def evaluate_policy(ctx: BenchContext, run_dir: str | Path, users: Sequence[User
                                  f"env.obs_candidates differ)")
         from rpp.benchmark.methods import CHUNK_USERS
 
-        records = run_policy(model.policy, core, list(users), int(steps), CHUNK_USERS)
+        records = run_policy(served, core, list(users), int(steps), CHUNK_USERS)
         stats = refiner.stats() if refiner is not None else None
     finally:
         if refiner is not None:
