@@ -108,8 +108,17 @@ def main() -> int:
     args = ap.parse_args()
 
     levels = args.concurrency
-    n_bodies = max(args.requests, args.rank_requests * len(levels), args.users)
+    # distinct users for every level and endpoint: the encoder's LRU cache never serves a repeat, so each figure
+    # includes embedding a new user's state text (the batch command gets the first --users users)
+    n_levels = len(levels)
+    n_bodies = max(8 + n_levels * (args.requests + args.rank_requests), args.users)
     bodies = user_bodies(args.run, n_bodies)
+    if len(bodies) < 8 + n_levels * (args.requests + args.rank_requests):
+        raise SystemExit(f"the run's dataset has only {len(bodies)} users with 30+ items; ask for fewer requests")
+    warm, rest = bodies[:8], bodies[8:]
+    personalize_sets = [rest[k * args.requests:(k + 1) * args.requests] for k in range(n_levels)]
+    rest = rest[n_levels * args.requests:]
+    rank_sets = [rest[k * args.rank_requests:(k + 1) * args.rank_requests] for k in range(n_levels)]
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     serve_cmd = ["rpp", "serve", "--run", args.run, "--port", str(port), "--threads", "1", "--no-cache",
@@ -134,13 +143,12 @@ def main() -> int:
         if health["ranker"] != "ready":
             raise SystemExit(f"ranker: {health['ranker']}")
         run_info = httpx.get(f"{url}/v1/run").json()
-        asyncio.run(load(url, "/v1/personalize", bodies[:8], 8, 120))  # warm-up (encoder, first batches)
-        asyncio.run(load(url, "/v1/rank", bodies[-2:], 1, 600))
-        for c in levels:
-            personalize.append(asyncio.run(load(url, "/v1/personalize", bodies[:args.requests], c, 120)))
+        asyncio.run(load(url, "/v1/personalize", warm, 8, 120))  # warm-up (first batches, thread pools)
+        asyncio.run(load(url, "/v1/rank", warm[:2], 1, 600))
+        for c, chunk in zip(levels, personalize_sets):
+            personalize.append(asyncio.run(load(url, "/v1/personalize", chunk, c, 120)))
             print("personalize", personalize[-1], flush=True)
-        for k, c in enumerate(levels):  # distinct users per level: nothing is a repeat of an earlier ranking
-            chunk = bodies[k * args.rank_requests:(k + 1) * args.rank_requests]
+        for c, chunk in zip(levels, rank_sets):
             rank.append(asyncio.run(load(url, "/v1/rank", chunk, c, 900)))
             print("rank", rank[-1], flush=True)
         counters = httpx.get(f"{url}/healthz").json()["counters"]
@@ -179,7 +187,7 @@ def main() -> int:
         "```",
         " ".join(["python", "experiments/bench_serving_policy.py", "--run", args.run, "--requests",
                   str(args.requests), "--rank-requests", str(args.rank_requests), "--users", str(args.users)]),
-        "# which runs:  " + " ".join(serve_cmd[:2] + ["--run", args.run, "--port", "PORT"] + serve_cmd[5:]),
+        "# which runs:  " + " ".join(serve_cmd[:2] + ["--run", args.run, "--port", "PORT"] + serve_cmd[6:]),
         "#              " + " ".join(batch_cmd),
         "```",
         "",
