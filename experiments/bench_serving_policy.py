@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,17 +32,14 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from llm_server import free_port  # noqa: E402
 
 
 def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
             "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def user_bodies(run: str, n: int, seed: int = 0) -> list[dict]:
@@ -119,7 +115,7 @@ def main() -> int:
     personalize_sets = [rest[k * args.requests:(k + 1) * args.requests] for k in range(n_levels)]
     rest = rest[n_levels * args.requests:]
     rank_sets = [rest[k * args.rank_requests:(k + 1) * args.rank_requests] for k in range(n_levels)]
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     serve_cmd = ["rpp", "serve", "--run", args.run, "--port", str(port), "--threads", "1", "--no-cache",
                  "--set", "llm.threads=1"]
