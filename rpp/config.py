@@ -243,7 +243,8 @@ class TrainConfig(_Section):
     """Validation users for the pre-training ranker check (ranker vs random vs popularity); 0 skips it."""
     gate_users: Optional[int] = Field(None, ge=1)
     """Validation users for the safe-improvement gate at the end of training (default: every validation user;
-    rpp.agents.gate). The gate serves the policy only where it beats the best fixed prompt with confidence."""
+    rpp.agents.gate). The gate serves the policy only where it beats the best fixed prompt with confidence. It
+    costs (2 + sum over agents of (actions - 1)) + eval.steps requests per user: 23 + T with the default action set."""
     gate_alpha: float = Field(0.05, gt=0, lt=0.5)
     """One-sided level of the gate's lower confidence bound on (policy - fixed) NDCG."""
     device: str = "cpu"

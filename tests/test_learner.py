@@ -9,7 +9,7 @@ import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.vec_env import DummyVecEnv
 
-from rpp.agents.gate import GatedPolicy, lower_bound
+from rpp.agents.gate import GatedPolicy, coordinate_ascent, lower_bound
 from rpp.agents.learner import RewardPosterior, ThompsonPPO
 from rpp.agents.policy import FourAgentPolicy, PosteriorHead, UserBasis
 
@@ -190,3 +190,21 @@ def test_lower_bound_and_gated_policy():
     ungated = GatedPolicy(Fixed(), {"served": "policy", "fixed_indices": [2, 1, 0, 1]})
     np.testing.assert_array_equal(ungated.predict(np.zeros((3, 5, 4)))[0], np.zeros((3, 4)))
     assert GatedPolicy(Fixed(), None).served.startswith("policy")
+
+
+def test_the_gate_searches_the_best_fixed_prompt_agent_by_agent():
+    """The gate's reference: from the better start, every action of each agent in turn; failed users (nan) do not
+    count against a prompt; 2 + sum(n - 1) prompts at most are scored."""
+    values = {0: [0.0, 0.1, 0.3], 1: [0.0, 0.2], 2: [0.0, 0.05, 0.0, 0.15]}  # additive effects per agent
+
+    def score(combo):
+        user_values = np.full(10, sum(values[a][i] for a, i in enumerate(combo)))
+        if combo == [2, 1, 0]:
+            user_values[:5] = np.nan  # failed requests: judged on the answered users only
+        return user_values
+
+    calls = []
+    best, tried = coordinate_ascent([[0, 0, 0], [1, 0, 1]], [3, 2, 4], lambda c: calls.append(c) or score(c))
+    assert best == [2, 1, 3] and tried[(2, 1, 3)] == pytest.approx(0.65)
+    assert len(calls) == len(set(map(tuple, calls))) <= 2 + (2 + 1 + 3)
+    assert tried[(2, 1, 0)] == pytest.approx(0.5)
