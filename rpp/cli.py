@@ -9,6 +9,8 @@
     rpp evaluate       --run RUN_DIR [--split test] [--steps T] [--users N] [--set k=v ...] [--no-cache]
     rpp benchmark      --config FILE [--set k=v ...] [--no-cache]
     rpp demo           [--config FILE] [--set k=v ...] [--no-cache]
+    rpp serve          --run RUN_DIR [--host H] [--port P] [--set k=v ...] [--no-rank] ...
+    rpp personalize    --run RUN_DIR --users FILE --out FILE [--chunk-size N] [--set k=v ...]
 
 Every command that reads a config takes --set; every command that ranks takes --no-cache (= --set llm.cache=false).
 """
@@ -161,6 +163,29 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from rpp.serve.app import ServeOptions, serve
+
+    options = ServeOptions(host=args.host, port=args.port, batch_window_ms=args.batch_window_ms,
+                           max_batch=args.max_batch, max_candidates=args.max_candidates,
+                           rank_timeout_s=args.rank_timeout_s, rank=not args.no_rank, threads=args.threads)
+    serve(args.run, options, _overrides(args) or None)
+    return 0
+
+
+def cmd_personalize(args) -> int:
+    from rpp.serve.batch import personalize_file
+
+    summary = personalize_file(args.run, args.users, args.out, chunk_size=args.chunk_size,
+                               overrides=_overrides(args) or None, max_candidates=args.max_candidates,
+                               progress=not args.no_progress)
+    rate = f"{summary['users_per_s']:.1f} users/s" if summary["users_per_s"] else "nothing left to do"
+    print(f"{summary['out']}: {summary['users']} users ({summary['written']} written now, "
+          f"{summary['already_written']} already there, {summary['errors']} with an error), {rate}; "
+          f"served: {summary['source']} ({summary['policy_version']})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rpp", description="Reinforced Prompt Personalization for LLM recommenders")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -213,6 +238,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true")
     p.set_defaults(func=cmd_benchmark)
 
+    p = sub.add_parser("serve", help="serve a trained run's prompt policy over HTTP (docs/serving.md)")
+    p.add_argument("--run", required=True, metavar="RUN_DIR")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--batch-window-ms", type=float, default=5.0,
+                   help="how long a request waits for others to share its policy/ranker batch")
+    p.add_argument("--max-batch", type=int, default=64, help="most requests per micro-batch")
+    p.add_argument("--max-candidates", type=int, default=100, help="most candidates per request")
+    p.add_argument("--rank-timeout-s", type=float, default=60.0, help="504 for a ranking slower than this")
+    p.add_argument("--no-rank", action="store_true", help="do not load the ranker; /v1/rank answers 503")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for the encoder and policy")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override a run-config key that does not change the policy's inputs (e.g. llm.base_url)")
+    p.add_argument("--no-cache", action="store_true", help="bypass the LLM response cache in /v1/rank")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("personalize", help="the served prompt for every user of a file (resumable)")
+    p.add_argument("--run", required=True, metavar="RUN_DIR")
+    p.add_argument("--users", required=True, metavar="FILE", help="parquet or .jsonl: user, history[, ratings, "
+                                                                   "candidates]")
+    p.add_argument("--out", required=True, metavar="FILE", help="parquet or .jsonl; an unfinished one is resumed")
+    p.add_argument("--chunk-size", type=int, default=64, help="users per policy batch and per durable write")
+    p.add_argument("--max-candidates", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
+    p.set_defaults(func=cmd_personalize)
+
     p = with_config(sub.add_parser("demo", help="fetch, train on a small budget, evaluate, print the table"))
     p.add_argument("--no-cache", action="store_true", help="bypass the LLM response cache")
     p.set_defaults(func=cmd_demo)
@@ -226,6 +278,12 @@ def _known_errors() -> tuple:
     from rpp.data import DataError
 
     errors = [AssetError, ConfigError, DataError, FileNotFoundError, FileExistsError]
+    try:
+        from rpp.agents.serving import ServingInputError
+
+        errors.append(ServingInputError)
+    except ImportError:  # pragma: no cover
+        pass
     try:
         from rpp.prompts import ActionSetError
 

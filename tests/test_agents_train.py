@@ -234,7 +234,7 @@ def test_serving_sees_what_the_environment_shows(tmp_path):
     core = make_core(served.cfg, "test", ranker=ranker, encoder=served.encoder)
     samples = core.samples[:3]
     _, env_obs = core.reset(samples)
-    steps = run_policy(served.policy, core, samples, steps=1, batch_size=3)
+    steps = run_policy(served.gated, core, samples, steps=1, batch_size=3)  # what the run serves
     for sample, obs, record in zip(samples, env_obs, steps):
         ctx = core.context(sample)
         ratings = list(ctx.history_ratings)
