@@ -102,7 +102,37 @@ class PlantedConfig(_Section):
     """Standard deviation of the per-(user, prompt) noise on q."""
 
 
-class LLMConfig(_Section):
+class EndpointConfig(_Section):
+    """Where a model runs: the one home of the keys shared by `llm` (the ranker), `refiner` (RPP+) and
+    `agp.generator`. Point at your server once, under `llm`: every key of `refiner` and `agp.generator` left unset
+    takes llm's value (backend and model only when llm.backend is local or openai)."""
+
+    backend: Literal["local", "openai"] = "local"
+    """local: transformers on this machine; openai: any OpenAI-compatible server (vLLM, llama.cpp, Ollama, hosted)."""
+    model: str = "smollm2-135m-instruct"
+    """local: an embedded asset name or a folder with a transformers model; openai: the server's model name."""
+    base_url: Optional[str] = None
+    """openai only: e.g. http://127.0.0.1:8000/v1."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """openai only: the NAME of the environment variable holding the key; the key itself never goes in a config."""
+    temperature: float = Field(0.0, ge=0)
+    """0 = greedy (reproducible, and what makes the response caches exact); part of every cache key."""
+    timeout_s: float = Field(60.0, gt=0)
+    """openai only: seconds per request attempt."""
+    max_retries: int = Field(3, ge=0)
+    """openai only: retries after the first attempt on rate limits, 5xx and timeouts; then the request is a counted
+    failure (a ranking in presented order, or a rejected rewrite), never retried forever."""
+    concurrency: int = Field(8, ge=1)
+    """openai only: requests in flight."""
+
+
+ENDPOINT_KEYS = tuple(EndpointConfig.model_fields)
+"""The keys `refiner` and `agp.generator` inherit from `llm` when unset."""
+
+
+class LLMConfig(EndpointConfig):
+    """The ranker."""
+
     backend: Literal["local", "openai", "planted"] = "local"
     """local: transformers on this machine; openai: any OpenAI-compatible server (vLLM, llama.cpp, Ollama, hosted);
     planted: no LLM, a known user-by-action interaction for testing learners (see `planted`)."""
@@ -113,23 +143,14 @@ class LLMConfig(_Section):
     the per-token mean. On 300 ML-100K test users without the candidate list, mean measured NDCG@10 +0.034 over
     sum (0.394 vs 0.360, Wilcoxon p = 0.04; experiments/results/ranker.md). sum stays the default because every
     recorded run and cached result used it; set mean for a new ranker."""
-    model: str = "smollm2-135m-instruct"
-    """local: an embedded asset name or a folder with a transformers model; openai: the server's model name."""
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     """local only; auto picks bfloat16 where the CPU supports it natively, else float32."""
     threads: Optional[int] = None
     """local only: torch threads (default: all cores)."""
-    base_url: Optional[str] = None
-    """openai only: e.g. http://127.0.0.1:8000/v1."""
-    api_key_env: str = "OPENAI_API_KEY"
-    """openai only: the NAME of the environment variable holding the key; the key itself never goes in a config."""
-    concurrency: int = Field(8, ge=1)
-    timeout_s: float = Field(60.0, gt=0)
-    max_retries: int = Field(3, ge=0)
-    """Retries after the first attempt on rate limits, 5xx, timeouts; then the request is a counted failure."""
-    temperature: float = Field(0.0, ge=0)
     max_new_tokens: int = Field(256, ge=1)
+    """generate mode: the answer's token budget."""
     seed: int = 0
+    """Sent with openai requests (servers that honour it sample reproducibly) and seeds the bootstrap shuffles."""
     bootstrap: int = Field(1, ge=1)
     """Rank B shuffled orders of the shown candidate list and sum the scores (against position bias); needs the
     list in the prompt (generate mode, or prompt.show_candidates in score mode)."""
@@ -294,7 +315,7 @@ mostly answered with the user summary or restated the instruction. It still copi
 ("dark thrillers"), which the copies_instruction and wrong_genre guards reject."""
 
 
-class RefinerConfig(_Section):
+class RefinerConfig(EndpointConfig):
     """RPP+ (rpp.prompts.refiner): a text generator, configured separately from the ranker, rewrites each chosen
     non-empty sentence for the user. A rewrite is used only if it passes the guards (non-empty, at most max_chars,
     keeps every {placeholder}, adds no numbers, names no candidate and no genre the user's summary lacks, is no
@@ -305,14 +326,6 @@ class RefinerConfig(_Section):
 
     enabled: bool = False
     """RPP+: let an LLM rewrite the chosen sentences per user during the episode."""
-    backend: Literal["local", "openai"] = "local"
-    """local: greedy generation with a transformers model; openai: any OpenAI-compatible chat server."""
-    model: str = "smollm2-135m-instruct"
-    """local: an embedded asset name or a model folder; openai: the server's model name."""
-    base_url: Optional[str] = None
-    """openai only: e.g. http://127.0.0.1:8000/v1."""
-    api_key_env: str = "OPENAI_API_KEY"
-    """openai only: the NAME of the environment variable holding the key."""
     every_k_steps: int = Field(1, ge=1)
     """Refine at steps 0, k, 2k, ... of an episode; in between the last refinement is kept."""
     instruction: str = DEFAULT_REFINE_INSTRUCTION
@@ -321,14 +334,6 @@ class RefinerConfig(_Section):
     """A rewrite longer than this (after cleaning) is rejected as too_long."""
     max_new_tokens: int = Field(60, ge=1)
     """Generation budget per rewrite; an answer cut off here is usually too long or unfinished anyway."""
-    temperature: float = Field(0.0, ge=0)
-    """0 = greedy (reproducible, and what makes the cache exact); part of the cache key."""
-    timeout_s: float = Field(60.0, gt=0)
-    """openai only: per request."""
-    max_retries: int = Field(3, ge=0)
-    """openai only: retries after the first attempt; then the rewrite is a counted generator_failed."""
-    concurrency: int = Field(8, ge=1)
-    """openai only: requests in flight."""
 
 
 class BenchmarkConfig(_Section):
@@ -388,23 +393,8 @@ class PapRecConfig(_Section):
     SmolLM2-135M with a 15-item history)."""
 
 
-class TextGeneratorConfig(_Section):
-    """A text generator (rpp.llm.make_generator), configured like the refiner's: the local model by default, or any
-    OpenAI-compatible chat model."""
-
-    backend: Literal["local", "openai"] = "local"
-    """local: greedy generation with a transformers model; openai: any OpenAI-compatible chat server."""
-    model: str = "smollm2-135m-instruct"
-    """local: an embedded asset name or a model folder; openai: the server's model name."""
-    base_url: Optional[str] = None
-    """openai only: e.g. http://127.0.0.1:8000/v1."""
-    api_key_env: str = "OPENAI_API_KEY"
-    """openai only: the NAME of the environment variable holding the key."""
-    temperature: float = Field(0.0, ge=0)
-    """0 = greedy (reproducible, and what makes the generation cache exact)."""
-    timeout_s: float = Field(60.0, gt=0)
-    max_retries: int = Field(3, ge=0)
-    concurrency: int = Field(8, ge=1)
+class TextGeneratorConfig(EndpointConfig):
+    """A text generator (rpp.llm.make_generator): an endpoint like the refiner's, inheriting unset keys from llm."""
 
 
 DEFAULT_PROFILE_PROMPT = (
@@ -486,6 +476,21 @@ class Config(_Section):
     """benchmark method `papprec` (rows papprec_shared, papprec_personal)."""
     agp: AGPConfig = Field(default_factory=AGPConfig)
     """benchmark methods `agp` and `profile_fixed`."""
+
+    @model_validator(mode="after")
+    def _inherit_endpoint(self) -> "Config":
+        """refiner and agp.generator take every endpoint key they leave unset from llm (one place to point at a
+        server). backend and model are inherited only from a real LLM backend (not planted)."""
+        for section in (self.refiner, self.agp.generator):
+            for key in ENDPOINT_KEYS:
+                if key in section.model_fields_set:
+                    continue
+                if key in ("backend", "model") and self.llm.backend not in ("local", "openai"):
+                    continue
+                value = getattr(self.llm, key)
+                if value != getattr(section, key):
+                    setattr(section, key, value)
+        return self
 
     @model_validator(mode="after")
     def _check_consistency(self) -> "Config":
