@@ -9,8 +9,10 @@ VLLM_VENV := .venv-vllm
 VLLM      := $(VLLM_VENV)/.stamp-vllm
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 DEMO_CONFIG ?= experiments/demo.yaml
+TORCH_PIN ?= torch==2.13.0
+FAST    := not llm and not server and not vllm and not slow
 
-.PHONY: demo test setup assets server vllm clean-venv
+.PHONY: demo test check lint docs setup assets server vllm clean-venv
 
 demo: setup
 	$(PY) -m rpp.cli demo --config $(DEMO_CONFIG)
@@ -18,15 +20,27 @@ demo: setup
 test: setup $(SERVER) $(VLLM)
 	$(PY) -m pytest --durations=15
 
+# The inner loop: lint + the fast unit tests (no model, no server), under 2 minutes.
+check: lint
+	$(PY) -m pytest -q -m "$(FAST)"
+
+lint: $(DEPS)
+	$(PY) -m ruff check rpp tests experiments
+	$(PY) -m rpp.config_docs --check
+
+# Regenerate docs/configuration.md from rpp/config.py's docstrings.
+docs: $(DEPS)
+	$(PY) -m rpp.config_docs
+
 setup: $(DEPS) assets
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-# torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
+# torch first, pinned here (pyproject only has a floor): a bare `torch` requirement would pull a multi-GB CUDA build.
 $(DEPS): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet $(TORCH_PIN)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 

@@ -1,6 +1,6 @@
 """Paired comparison of every method of a benchmark against its reference, on every metric, from per_user.csv.
 
-    python experiments/paired_per_user.py experiments/results/benchmark-pooled
+    python experiments/paired_per_user.py experiments/results/benchmark-personal
 
 A benchmark report gives one Wilcoxon p per method (NDCG@10). This reads the report's per-user rows and gives, for
 each method and each of the 7 metrics: the mean per-user difference to the reference with a 95% bootstrap CI of

@@ -10,7 +10,7 @@ the user's candidates from that prompt; NDCG of the held-out item is the reward.
     import gymnasium, rpp
     env = gymnasium.make("rpp/PromptPersonalization-v0", cfg=rpp.load_config("experiments/ml100k.yaml"))
 """
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["ENV_ID", "PromptPolicy", "load_config", "__version__"]
 

@@ -154,3 +154,33 @@ def test_action_set_error_is_a_value_error_and_lookups_fail_clearly(tmp_path):
         actions.index("role", "critic")
     with pytest.raises(IndexError, match="pattern 'role' has 2 actions"):
         actions.action("role", 2)
+
+
+def test_validate_reports_every_problem_of_a_file_at_once(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "role:\n"
+        "  - {id: cinéphile, text: You love films.}\n"          # non-ASCII id
+        "  - {id: ok, text: 'Use {nope}.'}\n"                    # unknown placeholder
+        "history:\n"
+        "  - {id: h, text: Recent., params: {window: 0}}\n"      # window must be > 0
+        "reasoning:\n"
+        "  - {id: r, text: Think., colour: red}\n"               # unknown key
+    )                                                            # format: missing
+    from rpp.prompts import ActionSetError, load_action_set
+
+    with pytest.raises(ActionSetError) as err:
+        load_action_set(bad)
+    problems = err.value.problems
+    assert len(problems) == 5, problems
+    assert "ASCII" in problems[0] and "cinéphile" in problems[0]
+    text = str(err.value)
+    for needle in ("{nope}", "window must be > 0", "'colour'", "pattern 'format' is missing"):
+        assert needle in text
+    done = subprocess.run([sys.executable, "-m", "rpp.cli", "actions", "validate", str(bad)],
+                          capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "5 problem(s)" in done.stderr + done.stdout and "ASCII" in done.stderr + done.stdout

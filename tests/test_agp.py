@@ -6,7 +6,7 @@ import pytest
 
 from rpp.benchmark import BenchmarkError
 from rpp.benchmark.agp import AGPMethod, ProfileFixedMethod, check_prompt, fixed_profile, profile_sentences
-from rpp.benchmark.methods import BenchContext, ranks_of
+from rpp.benchmark.methods import BenchContext
 from rpp.config import load_config
 from rpp.llm.base import Ranker, Ranking, TextGenerator
 

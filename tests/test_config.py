@@ -61,3 +61,15 @@ def test_saved_config_has_no_secrets(tmp_path, monkeypatch):
     assert redact({"api_key": "abc", "api_key_env": "X", "max_new_tokens": 5, "nested": [{"token": "t"}]}) == {
         "api_key": "***", "api_key_env": "X", "max_new_tokens": 5, "nested": [{"token": "***"}]}
     assert load_config(out).llm.max_new_tokens == cfg.llm.max_new_tokens
+
+
+def test_refiner_and_agp_generator_inherit_unset_endpoint_keys_from_llm():
+    from rpp.config import load_config
+
+    cfg = load_config(None, ["llm.backend=openai", "llm.base_url=http://127.0.0.1:9/v1", "llm.model=served",
+                             "llm.timeout_s=5", "refiner.model=rewriter", "agp.generator.concurrency=2"])
+    assert (cfg.refiner.backend, cfg.refiner.base_url, cfg.refiner.timeout_s) == ("openai", "http://127.0.0.1:9/v1", 5)
+    assert cfg.refiner.model == "rewriter"                       # set: kept
+    assert (cfg.agp.generator.model, cfg.agp.generator.concurrency) == ("served", 2)
+    planted = load_config(None, ["llm.backend=planted"])
+    assert planted.refiner.backend == "local"                    # a planted ranker is no text generator

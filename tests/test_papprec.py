@@ -261,3 +261,31 @@ def test_a_methods_own_cost_reaches_the_tables():
     row = next(line for line in lines if line.startswith("| papprec_personal"))
     assert "| 65 (65 + 0) | 12 | 5.00 (5.00 + 0.00) | 90 (10.0/user) | 30 (3.0/user) |" in row
     assert not any(line.startswith("| taskwise") for line in lines)
+
+
+def test_token_id_requests_go_through_the_response_cache(tiny, tmp_path):
+    """A rerun replays PAP-REC's scored requests from the response cache: the second scorer runs no forward pass,
+    returns the same scores, and the requests still count (what the method costs on a cold cache)."""
+    from rpp.benchmark.papprec import response_cache
+    from rpp.llm import CachedRanker, ResponseCache
+    from rpp.llm.local import encode
+
+    dataset, samples, ranker, vocab = tiny
+    ctx = _ctx(tiny)
+    uctx = ctx.user_context(samples[7])
+    before, after = split_at_trigger(ranker.loaded, ctx.builder.build(uctx, ctx.builder.taskwise()).messages)
+    sample = Sample(before=before, after=after, titles=[encode(ranker.loaded, t) for t in uctx.candidate_titles])
+    suffixes = [[vocab["Zeta"]], [vocab["Omega"]]] if "Zeta" in vocab else [[before[-1]], [before[-2]]]
+
+    cached = CachedRanker(ranker, ResponseCache(tmp_path / "responses.sqlite"))
+    identity, cache = response_cache(cached)
+    assert identity == ranker.identity and cache is cached.cache
+    first = SuffixScorer(ranker.loaded, cache=cache, identity=identity)
+    cold = first.scores(sample, suffixes)
+    assert first.counters.forward > 0 and cache.misses == 2
+    second = SuffixScorer(ranker.loaded, cache=cache, identity=identity)
+    warm = second.scores(sample, suffixes)
+    assert second.counters.forward == 0 and cache.hits == 2
+    assert second.counters.requests == 2                      # counted like a cold request
+    assert np.allclose(warm, cold)
+    assert response_cache(ranker) == (None, None)             # --no-cache: computed every time

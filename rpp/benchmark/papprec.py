@@ -30,7 +30,9 @@ Cost. The prefix before the triggers is the same for every candidate token, so i
 (its KV cache is kept for up to ``papprec.kv_cache_samples`` samples); the k candidate suffixes and their 20 titles
 then run on copies of it, and the gradient is taken through the suffix and the title only. The method counts its
 own forward and backward passes and the ranking requests it scores (a request = one prompt, every candidate
-scored), outside the shared response cache (the prompt is a list of token ids, not messages).
+scored). Scored requests go through the benchmark's response cache like every other request (keyed on the
+ranker's identity and the exact token ids of the prompt and the titles: ``token_request_key``), so a rerun replays
+them; requests are counted whether answered from the cache or not (what the method costs on a cold cache).
 
 Local backend only: the search needs gradients through the ranker's own model.
 """
@@ -79,6 +81,34 @@ def local_model(ranker) -> object:
         seen = getattr(seen, "inner", None)
     raise BenchmarkError("papprec needs gradients through the ranker's model: it works with llm.backend: local "
                          f"only (this ranker is {getattr(ranker, 'identity', type(ranker).__name__)})")
+
+
+def response_cache(ranker):
+    """(identity, ResponseCache) of the cache in front of the benchmark's ranker, or (None, None) without one
+    (--no-cache)."""
+    from rpp.llm.cache import ResponseCache
+
+    seen = ranker
+    while seen is not None:
+        cache = getattr(seen, "cache", None)
+        if isinstance(cache, ResponseCache):
+            return seen.identity, cache
+        seen = getattr(seen, "inner", None)
+    return None, None
+
+
+def token_request_key(identity: str, prompt_ids: Sequence[int], titles: Sequence[Sequence[int]]) -> str:
+    """The response-cache key of a token-id scoring request: ranker identity, prompt token ids, title token ids
+    (a namespace of its own, so it never collides with a message request's key)."""
+    import hashlib
+    import json
+
+    from rpp.llm.cache import SCHEMA_VERSION
+
+    payload = json.dumps({"v": SCHEMA_VERSION, "ranker": identity, "kind": "papprec-token-ids",
+                          "prompt_ids": [int(t) for t in prompt_ids],
+                          "titles": [[int(t) for t in title] for title in titles]})
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
 def trigger_vocabulary(tokenizer) -> np.ndarray:
@@ -142,8 +172,11 @@ class SuffixScorer:
     title's NLL w.r.t. the suffix's trigger embeddings, on the ranker's model. ``before`` runs once per sample (its
     KV cache is kept for the last `kv_cache_samples` samples)."""
 
-    def __init__(self, loaded, kv_cache_samples: int = 32, counters: Optional[Counters] = None) -> None:
+    def __init__(self, loaded, kv_cache_samples: int = 32, counters: Optional[Counters] = None,
+                 cache=None, identity: Optional[str] = None) -> None:
         self.loaded = loaded
+        self.cache, self.identity = (cache, identity) if cache is not None and identity else (None, None)
+        """The response cache scored requests go through (None: every request is computed)."""
         self.model = loaded.model
         self.counters = counters or Counters()
         self._kv: OrderedDict = OrderedDict()
@@ -175,13 +208,45 @@ class SuffixScorer:
     def scores(self, sample: Sample, suffixes: Sequence[Sequence[int]]) -> np.ndarray:
         """[len(suffixes), n_titles]: each title's summed log-prob as the answer to before + suffix + after.
         Every suffix is the same length (the trigger slots); one ranking request is counted per suffix."""
+
+
+        if len({len(s) for s in suffixes}) != 1:
+            raise ValueError("all suffixes must have the same length")
+        n_all = len(suffixes)
+        width_all = len(sample.before) + len(suffixes[0]) + len(sample.after)
+        self.counters.requests += n_all
+        self.counters.tokens += n_all * (width_all + sum(len(t) for t in sample.titles))
+        if self.cache is None:
+            return self._compute(sample, suffixes)
+        from rpp.llm.base import Ranking
+
+        keys = [token_request_key(self.identity, list(sample.before) + list(s) + list(sample.after), sample.titles)
+                for s in suffixes]
+        out = np.full((n_all, len(sample.titles)), -np.inf)
+        missing = []
+        for v, key in enumerate(keys):
+            hit = self.cache.get(key)
+            if hit is not None and hit.scores is not None and len(hit.scores) == len(sample.titles):
+                out[v] = hit.scores
+            else:
+                missing.append(v)
+        if missing:
+            fresh = self._compute(sample, [suffixes[v] for v in missing])
+            rows = []
+            for v, row in zip(missing, fresh):
+                out[v] = row
+                order = [int(i) for i in np.argsort(-row, kind="stable")]
+                rows.append((keys[v], Ranking(order=order, scores=[float(x) for x in row])))
+            self.cache.put_many(rows)
+        return out
+
+    def _compute(self, sample: Sample, suffixes: Sequence[Sequence[int]]) -> np.ndarray:
+        """scores() on the model itself (no cache)."""
         import torch
         from transformers import DynamicCache
 
         from rpp.llm.local import KV_TOKEN_BUDGET, MAX_CANDIDATE_ROWS
 
-        if len({len(s) for s in suffixes}) != 1:
-            raise ValueError("all suffixes must have the same length")
         kv = self._prefix_kv(sample)
         n_var, n_before = len(suffixes), len(sample.before)
         tail = [list(s) + list(sample.after) for s in suffixes]
@@ -227,8 +292,6 @@ class SuffixScorer:
                         got = logits[j, torch.arange(len(nxt)), torch.tensor(nxt)] - lse[j, :len(nxt)]
                         out[v, c] += float(got.sum())
                 del cache, logits
-        self.counters.requests += n_var
-        self.counters.tokens += n_var * (width + sum(len(t) for t in sample.titles))
         return out
 
     def gradient(self, sample: Sample, suffix: Sequence[int]) -> np.ndarray:
@@ -308,7 +371,9 @@ class PapRecSearch:
     def scorer(self) -> SuffixScorer:
         if self._scorer is None:
             loaded = local_model(self.ctx.ranker)
-            self._scorer = SuffixScorer(loaded, self.cfg.kv_cache_samples, self.counters)
+            identity, cache = response_cache(self.ctx.ranker)
+            self._scorer = SuffixScorer(loaded, self.cfg.kv_cache_samples, self.counters, cache=cache,
+                                        identity=identity)
             tok = loaded.tokenizer
             self._mask = trigger_vocabulary(tok)
             self.init_token = word_token(tok, self.cfg.init_word)

@@ -62,7 +62,12 @@ _TOP_LEVEL_META = {"description"}
 
 
 class ActionSetError(ValueError):
-    """An unusable action-set file; the message names the file, and where it applies the pattern and the entry."""
+    """An unusable action-set file; the message names the file, and where it applies the pattern and the entry.
+    ``problems`` lists every problem found in the file (the message holds them all, one per line)."""
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = list(problems) if problems else [message]
 
 
 @dataclass(frozen=True)
@@ -122,64 +127,95 @@ def load_action_set(path: str | Path | None = None) -> ActionSet:
 
 
 def parse_action_set(data: Any, source: str = "(in memory)") -> ActionSet:
-    """Validate an already-parsed mapping (e.g. from a config) into an ActionSet; see the module docstring."""
+    """Validate an already-parsed mapping (e.g. from a config) into an ActionSet; see the module docstring.
+    Every problem of the file is reported at once (one ActionSetError listing them all)."""
     if data is None:
         raise ActionSetError(f"{source}: empty file; expected a mapping with the patterns {', '.join(PATTERNS)}")
     if not isinstance(data, dict):
         raise ActionSetError(f"{source}: the top level must be a mapping of patterns ({', '.join(PATTERNS)}), "
                              f"got {type(data).__name__}")
-    unknown = [k for k in data if k not in PATTERNS and k not in _TOP_LEVEL_META]
-    if unknown:
-        raise ActionSetError(f"{source}: pattern '{unknown[0]}': unknown pattern (patterns: {', '.join(PATTERNS)}; "
-                             f"other allowed keys: {', '.join(sorted(_TOP_LEVEL_META))})")
+    problems: list[str] = []
+    for k in data:
+        if k not in PATTERNS and k not in _TOP_LEVEL_META:
+            problems.append(f"{source}: pattern '{k}': unknown pattern (patterns: {', '.join(PATTERNS)}; "
+                            f"other allowed keys: {', '.join(sorted(_TOP_LEVEL_META))})")
     description = data.get("description", "")
     if not isinstance(description, str):
-        raise ActionSetError(f"{source}: 'description' must be a string, got {type(description).__name__}")
+        problems.append(f"{source}: 'description' must be a string, got {type(description).__name__}")
     actions = {}
     for pattern in PATTERNS:
         if pattern not in data:
-            raise ActionSetError(f"{source}: pattern '{pattern}' is missing (every file needs {', '.join(PATTERNS)})")
+            problems.append(f"{source}: pattern '{pattern}' is missing (every file needs {', '.join(PATTERNS)})")
+            continue
         entries = data[pattern]
         if not isinstance(entries, list):
-            raise ActionSetError(f"{source}: pattern '{pattern}' must be a list of actions, "
-                                 f"got {type(entries).__name__}")
-        if not entries:
-            raise ActionSetError(f"{source}: pattern '{pattern}' has an empty list; it needs at least one action")
-        actions[pattern] = _parse_entries(entries, pattern, source)
+            problems.append(f"{source}: pattern '{pattern}' must be a list of actions, got {type(entries).__name__}")
+        elif not entries:
+            problems.append(f"{source}: pattern '{pattern}' has an empty list; it needs at least one action")
+        else:
+            actions[pattern] = _parse_entries(entries, pattern, source, problems)
+    if problems:
+        head = f"{source}: {len(problems)} problem(s)\n" if len(problems) > 1 else ""
+        raise ActionSetError(head + "\n".join(problems), problems)
     return ActionSet(actions=actions, source=source, description=description)
 
 
-def _parse_entries(entries: list, pattern: str, source: str) -> list[Action]:
+def _check_id(action_id: Any, where: str) -> None:
+    if not isinstance(action_id, str) or not action_id:
+        raise ActionSetError(f"{where}: id {action_id!r} must be a non-empty string")
+    if not action_id.isascii():
+        raise ActionSetError(f"{where}: id {action_id!r} must be ASCII (letters a-z and A-Z, digits, '_', '-', '.'); "
+                             "non-ASCII letters are not allowed in ids, only in text")
+    if not _ID_RE.match(action_id):
+        raise ActionSetError(f"{where}: id {action_id!r} must be a string of ASCII letters, digits, '_', '-' or '.', "
+                             "starting with a letter or digit")
+
+
+def _parse_entries(entries: list, pattern: str, source: str, problems: list[str]) -> list[Action]:
+    """The pattern's actions; every problem found is appended to ``problems`` (an entry's checks run
+    independently, so one entry can report several)."""
     out: list[Action] = []
     seen: dict[str, int] = {}
     for i, entry in enumerate(entries):
         where = f"{source}: pattern '{pattern}', entry {i + 1}"
         if not isinstance(entry, dict):
-            raise ActionSetError(f"{where}: must be a mapping with keys id, text (and params), "
-                                 f"got {type(entry).__name__} {entry!r}")
+            problems.append(f"{where}: must be a mapping with keys id, text (and params), "
+                            f"got {type(entry).__name__} {entry!r}")
+            continue
+        n_before = len(problems)
+
+        def check(fn, *args):
+            try:
+                return fn(*args)
+            except ActionSetError as exc:
+                problems.extend(exc.problems)
+                return None
+
+        action_id = entry.get("id")
         if "id" not in entry:
-            raise ActionSetError(f"{where}: missing 'id'")
-        action_id = entry["id"]
-        if not isinstance(action_id, str) or not _ID_RE.match(action_id):
-            raise ActionSetError(f"{where}: id {action_id!r} must be a non-empty string of letters, digits, "
-                                 "'_', '-' or '.'")
-        where = f"{where} (id '{action_id}')"
+            problems.append(f"{where}: missing 'id'")
+        elif check(_check_id, action_id, where) is None and len(problems) == n_before:
+            where = f"{where} (id '{action_id}')"
+            if action_id in seen:
+                problems.append(f"{where}: duplicate id '{action_id}' (also entry {seen[action_id] + 1})")
+            else:
+                seen[action_id] = i
         extra = sorted(set(entry) - _ENTRY_KEYS)
         if extra:
-            raise ActionSetError(f"{where}: unknown key(s) {', '.join(map(repr, extra))} (allowed: id, text, params)")
-        if action_id in seen:
-            raise ActionSetError(f"{where}: duplicate id '{action_id}' (also entry {seen[action_id] + 1})")
-        seen[action_id] = i
+            problems.append(f"{where}: unknown key(s) {', '.join(map(repr, extra))} (allowed: id, text, params)")
+        text = entry.get("text")
         if "text" not in entry:
-            raise ActionSetError(f"{where}: missing 'text' (use text: \"\" for a 'none' action)")
-        text = entry["text"]
+            problems.append(f"{where}: missing 'text' (use text: \"\" for a 'none' action)")
+            text = ""
         if text is None:
             text = ""
         if not isinstance(text, str):
-            raise ActionSetError(f"{where}: text must be a string, got {type(text).__name__} {text!r}")
-        _check_placeholders(text, where)
-        params = _check_params(entry.get("params"), pattern, where)
-        out.append(Action(id=action_id, text=text.strip(), params=params))
+            problems.append(f"{where}: text must be a string, got {type(text).__name__} {text!r}")
+            text = ""
+        check(_check_placeholders, text, where)
+        params = check(_check_params, entry.get("params"), pattern, where)
+        if len(problems) == n_before:
+            out.append(Action(id=action_id, text=text.strip(), params=params))
     return out
 
 

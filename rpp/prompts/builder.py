@@ -24,11 +24,14 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import TYPE_CHECKING, Literal, Optional
 
 from rpp.config import PromptConfig
 from rpp.llm.base import CANDIDATES_PLACEHOLDER, format_candidate_list
 from rpp.prompts.actions import PATTERNS, Action, ActionSet, ActionSetError
+
+if TYPE_CHECKING:
+    from rpp.llm.base import RankRequest
 
 SCORE_QUESTION = "Which {item_noun} will this user choose next? Answer with the title only."
 GENERATE_QUESTION = (
