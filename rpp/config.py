@@ -117,6 +117,12 @@ class LLMConfig(_Section):
     timeout_s: float = Field(60.0, gt=0)
     max_retries: int = Field(3, ge=0)
     """Retries after the first attempt on rate limits, 5xx, timeouts; then the request is a counted failure."""
+    max_failure_rate: float = Field(0.02, ge=0, le=1)
+    """Failure budget: the largest share of failed ranker requests (after retries) a phase may have (training
+    rollouts, baselines, validation choices, each benchmark method's fit and rank, evaluation, the ranker check).
+    Over it the phase stops with an error naming the cause, after saving what was done (`rpp train` keeps its
+    checkpoints for --resume; `rpp benchmark` writes the completed rows and marks the failed one INVALID). Under
+    it, failed requests are ranked in presented order and counted in the logs, metrics and report."""
     temperature: float = Field(0.0, ge=0)
     max_new_tokens: int = Field(256, ge=1)
     seed: int = 0
