@@ -8,8 +8,9 @@ the caller names what it is doing:
         ...every rank() call in here is counted under that phase...
 
 A phase's failure rate is failed requests / requests (cache answers included). It is over budget when that rate is
-above ``max_rate``: checked on every rank() call once ``MIN_FAILURES_TO_STOP`` requests failed (a dead server stops
-a phase within a few calls, not at its end) and once more when the phase ends. Over budget, ``FailureBudgetExceeded``
+above ``max_rate``: checked on every rank() call that failed as a whole or once ``MIN_FAILURES_TO_STOP`` requests
+failed (so a dead server stops a phase at its first call, before a checkpoint can save training on failures; one
+unlucky request of a batch does not), and once more when the phase ends. Over budget, ``FailureBudgetExceeded``
 (an LLMError: the CLI prints its one line and exits non-zero) names the phase, the counts and the main cause.
 """
 from __future__ import annotations
@@ -111,7 +112,8 @@ class FailureLog:
             for ph, _ in self._stack:
                 ph.add(rankings)
             ph, max_rate = self._stack[-1]
-        if ph.failures >= MIN_FAILURES_TO_STOP and ph.over(max_rate):
+        all_failed = bool(rankings) and all(r.failed for r in rankings)  # a dead server fails whole calls
+        if (ph.failures >= MIN_FAILURES_TO_STOP or all_failed) and ph.over(max_rate):
             raise ph.error(max_rate)
 
     @contextmanager
