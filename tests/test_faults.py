@@ -127,9 +127,11 @@ def test_server_killed_mid_train_stops_and_resume_matches_an_uninterrupted_run(s
         proxy.die_after = 4  # the first rollout (2 steps x 2 envs) is answered, then the server is gone
         assert _cli(["train", *_sets(["name=killed", *base])]) != 0
         err = capsys.readouterr().err
-        line = [x for x in err.splitlines() if x.startswith("rpp: error:")]
-        assert line and "training rollouts" in line[0] and "connection refused" in line[0]
-        assert "rpp train --resume" in line[0]
+        assert "rpp: error:" in err, err[-3000:]
+        line = err.split("rpp: error:")[-1].strip()
+        assert "\n" not in line  # one line
+        assert line.startswith("training rollouts: 2 of 6 requests failed") and "connection refused" in line
+        assert f"rpp train --resume {tmp_path / 'runs' / 'killed'}" in line
         run = tmp_path / "runs" / "killed"
         assert [json.loads(x)["timesteps"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [4]
 
