@@ -152,7 +152,7 @@ def test_server_killed_mid_train_stops_and_resume_matches_an_uninterrupted_run(s
 def test_server_killed_mid_benchmark_keeps_completed_rows_and_marks_the_failed_one_invalid(server, key, tmp_path,
                                                                                            capsys):
     with FaultProxy(server.base_url) as proxy:
-        proxy.die_after = 2  # taskwise's choice on the validation users gets 2 answers, then the server is gone
+        proxy.die_after = 2  # taskwise's first call (its 4 validation users) is answered, then the server is gone
         sets = ["name=killed", f"benchmark.output_dir={tmp_path}", "benchmark.methods=[popularity,random,taskwise]",
                 "llm.backend=openai", "llm.mode=generate", f"llm.base_url={proxy.base_url}", f"llm.model={MODEL}",
                 "llm.max_new_tokens=8", "llm.max_retries=1", f"llm.cache_path={tmp_path / 'cache.sqlite'}",
@@ -161,8 +161,11 @@ def test_server_killed_mid_benchmark_keeps_completed_rows_and_marks_the_failed_o
         config = tmp_path / "bench.yaml"
         config.write_text("{}\n")
         assert _cli(["benchmark", "--config", str(config), *_sets(sets)]) != 0
-    err = capsys.readouterr().err
-    assert "INVALID" in err and "fit: taskwise" in err and "connection refused" in err
+    captured = capsys.readouterr()
+    line = captured.err.split("rpp: error:")[-1].strip()
+    assert line.startswith("benchmark stopped, row 'taskwise' is INVALID: rank: taskwise: 4 of 4 requests failed"), \
+        captured.err[-2000:]
+    assert "connection refused" in line and "2 completed rows" in line
     table = pd.read_csv(tmp_path / "killed" / "results.csv")
     assert dict(zip(table["method"], table["status"])) == {"popularity": "ok", "random": "ok",
                                                           "taskwise": "INVALID"}
