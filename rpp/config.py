@@ -147,6 +147,12 @@ class LLMConfig(EndpointConfig):
     """local only; auto picks bfloat16 where the CPU supports it natively, else float32."""
     threads: Optional[int] = None
     """local only: torch threads (default: all cores)."""
+    max_failure_rate: float = Field(0.02, ge=0, le=1)
+    """Failure budget: the largest share of failed ranker requests (after retries) a phase may have (training
+    rollouts, baselines, validation choices, each benchmark method's fit and rank, evaluation, the ranker check).
+    Over it the phase stops with an error naming the cause, after saving what was done (`rpp train` keeps its
+    checkpoints for --resume; `rpp benchmark` writes the completed rows and marks the failed one INVALID). Under
+    it, failed requests are ranked in presented order and counted in the logs, metrics and report."""
     max_new_tokens: int = Field(256, ge=1)
     """generate mode: the answer's token budget."""
     seed: int = 0

@@ -220,3 +220,107 @@ class LlamaServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+class FaultProxy:
+    """An HTTP proxy on 127.0.0.1 in front of a REAL server, for fault tests: it forwards every request, and
+    - `error_every = k` answers HTTP 500 instead of forwarding every k-th request (k = 0: never);
+    - `delay_s` holds every answer that long (a server slower than the client's timeout);
+    - `die_after = n` goes down after forwarding n requests, as a killed server does: the port is closed
+      (connection refused) and open keep-alive connections are dropped; `up()` listens on the same port again.
+    `forwarded`, `errors` count what it did."""
+
+    def __init__(self, target_base_url: str) -> None:
+        import urllib.parse
+
+        target = urllib.parse.urlsplit(target_base_url)
+        self.target_host, self.target_port = target.hostname, target.port
+        self.port = free_port()
+        self.error_every, self.delay_s, self.die_after = 0, 0.0, None
+        self.forwarded = self.errors = self._seen = 0
+        self.is_down = False
+        self._lock = threading.Lock()
+        self.server: ThreadingHTTPServer | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def _handler(self):
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def _relay(self) -> None:
+                import http.client
+
+                body = self.rfile.read(int(self.headers.get("content-length", 0) or 0))
+                with proxy._lock:
+                    proxy._seen += 1
+                    seen = proxy._seen
+                    down = proxy.is_down or (proxy.die_after is not None and proxy.forwarded >= proxy.die_after)
+                    fail = not down and proxy.error_every and seen % proxy.error_every == 0
+                    if fail:
+                        proxy.errors += 1
+                if down:
+                    self.close_connection = True
+                    threading.Thread(target=proxy.down, daemon=True).start()
+                    return  # dropped without an answer, then the port closes
+                if proxy.delay_s:
+                    time.sleep(proxy.delay_s)
+                if fail:
+                    data = b'{"error": {"message": "injected fault", "code": 500}}'
+                    self.send_response(500)
+                    self.send_header("content-type", "application/json")
+                    self.send_header("content-length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
+                conn = http.client.HTTPConnection(proxy.target_host, proxy.target_port, timeout=600)
+                try:
+                    conn.request(self.command, self.path, body=body or None,
+                                 headers={"content-type": self.headers.get("content-type", "application/json")})
+                    resp = conn.getresponse()
+                    data = resp.read()
+                except OSError:  # the real server is gone (test teardown): drop the connection like it would
+                    self.close_connection = True
+                    return
+                finally:
+                    conn.close()
+                with proxy._lock:
+                    proxy.forwarded += 1
+                self.send_response(resp.status)
+                self.send_header("content-type", resp.getheader("content-type", "application/json"))
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_POST = do_GET = _relay  # noqa: N815 - http.server API
+
+        return Handler
+
+    def up(self) -> "FaultProxy":
+        self.is_down = False
+        self.die_after = None
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def down(self) -> None:
+        with self._lock:
+            self.is_down = True
+            server, self.server = self.server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+
+    def __enter__(self) -> "FaultProxy":
+        return self.up()
+
+    def __exit__(self, *exc) -> None:
+        self.down()

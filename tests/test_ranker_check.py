@@ -94,9 +94,13 @@ def test_training_check_uses_the_shared_check(tmp_path, monkeypatch):
     ranks = list(simulated_ranks(40, 0.5, 3))
     samples = [SimpleNamespace(candidates=list(range(N_CANDIDATES)), target_index=i % N_CANDIDATES)
                for i in range(len(ranks))]
+    from rpp.llm.failures import FailureLog
+
     core = SimpleNamespace(samples=samples, dataset=None,
-                           ranker=SimpleNamespace(usage=SimpleNamespace(snapshot=lambda: SimpleNamespace(failures=0))))
-    monkeypatch.setattr(ev, "taskwise_ranks", lambda core, samples, batch: ranks)
+                           ranker=SimpleNamespace(usage=SimpleNamespace(snapshot=lambda: SimpleNamespace(failures=0),
+                                                                        failures=FailureLog())))
+    monkeypatch.setattr(ev, "taskwise_ranks",
+                        lambda core, samples, batch, failed: failed.extend([False] * len(ranks)) or ranks)
     monkeypatch.setattr("rpp.envs.StepCore", SimpleNamespace)
     monkeypatch.setattr("rpp.data.split_users", lambda *a: SimpleNamespace(
         train_interactions=pd.DataFrame({"item": [1, 2, 2]})))

@@ -51,7 +51,8 @@ class RolloutMetrics(BaseCallback):
     def usage_record(self, timesteps: int) -> dict:
         """What usage.json holds: LLM usage over every session of the run, the timestep count, and for RPP+ runs
         the refiner's counts of this session (process)."""
-        record = {"llm": self.usage_total().to_dict(), "timesteps": int(timesteps)}
+        record = {"llm": self.usage_total().to_dict(), "timesteps": int(timesteps),
+                  "failures_this_session": self.ranker.usage.failures.to_dict()}
         if self.refiner is not None:
             record["refiner_this_session"] = self.refiner.stats()
         return record

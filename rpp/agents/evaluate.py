@@ -23,6 +23,7 @@ from rpp.agents.checkpoints import (
 )
 from rpp.agents.policy import PATTERNS
 from rpp.config import Config
+from rpp.llm.failures import FailureBudgetExceeded, phase as failure_phase
 from rpp.metrics import CLEARLY_ABOVE_RANDOM, METRIC_NAMES, Estimate, PairedTest, all_metrics, check_above_random, \
     paired_test, summarize, target_rank
 
@@ -62,16 +63,18 @@ def run_policy(policy, core, samples: Sequence, steps: int, batch_size: int) -> 
     return records
 
 
-def taskwise_ranks(core, samples: Sequence, batch_size: int) -> list[int]:
+def taskwise_ranks(core, samples: Sequence, batch_size: int, failed: Optional[list] = None) -> list[int]:
     """Target ranks under the task-wise default prompt (the same request the env's baseline makes, so a cached
-    answer is reused)."""
+    answer is reused). `failed`, when given, gets one flag per sample: did its request fail."""
     ranks = []
-    bar = tqdm(total=len(samples), unit="user", desc="task-wise prompt", leave=False)
+    bar = tqdm(total=len(samples), unit="req", desc="task-wise prompt", leave=False)
     for start in range(0, len(samples), batch_size):
         batch = list(samples[start:start + batch_size])
-        bar.update(len(batch))
         for s, ranking in zip(batch, core.ranker.rank([core.taskwise_request(s) for s in batch])):
             ranks.append(target_rank(ranking.order, s.target_index))
+            if failed is not None:
+                failed.append(bool(ranking.failed))
+        bar.update(len(batch))
     bar.close()
     return ranks
 
@@ -185,10 +188,12 @@ def evaluate(run_dir: str | Path, split: Optional[str] = None, steps: Optional[i
 
         before = ranker.usage.snapshot()
         t_policy = time.perf_counter()
-        records = run_policy(served, core, samples, steps, batch)
-        policy_wall = time.perf_counter() - t_policy
-        after = ranker.usage.snapshot()
-        base_ranks = taskwise_ranks(core, samples, batch)
+        with failure_phase(ranker, "evaluation", cfg.llm.max_failure_rate) as eval_failures:
+            records = run_policy(served, core, samples, steps, batch)
+            policy_wall = time.perf_counter() - t_policy
+            after = ranker.usage.snapshot()
+            base_ranks = taskwise_ranks(core, samples, batch)
+        print(f"evaluation: {eval_failures.summary()}", file=sys.stderr)
         end = ranker.usage.snapshot().to_dict()
         usage = {k: end[k] - v for k, v in before.to_dict().items()}
     finally:
@@ -270,8 +275,19 @@ def check_ranker(cfg: Config, core_or_ranker=None, run_dir: str | Path | None = 
         raise ValueError("check_ranker: no validation users (data.n_val_users or train.check_users is 0)")
     t0 = time.perf_counter()
     before = core.ranker.usage.snapshot()
-    ranks = taskwise_ranks(core, samples, max(cfg.env.n_envs, cfg.llm.batch_size))
+    failed: list = []
+    # over the failure budget this stops here (FailureBudgetExceeded), before anything trains on failures
+    with failure_phase(core.ranker, "ranker check", cfg.llm.max_failure_rate) as counted:
+        ranks = taskwise_ranks(core, samples, max(cfg.env.n_envs, cfg.llm.batch_size), failed)
     after = core.ranker.usage.snapshot()
+    failures_line = counted.summary()
+    if not quiet:
+        print(f"ranker check: {failures_line}", file=sys.stderr)
+    # a failed request is the presented order, not the model's answer: judge the model on answered requests only
+    samples = [s for s, f in zip(samples, failed) if not f]
+    ranks = [r for r, f in zip(ranks, failed) if not f]
+    if not samples:
+        raise FailureBudgetExceeded(f"ranker check: {failures_line}; no answered request to check", counted)
     split = split_users(core.dataset, cfg.data, cfg.seed)
     pop_ranks = [target_rank(order, s.target_index)
                  for order, s in zip(PopularityScorer(split.train_interactions).rank(samples), samples)]
@@ -298,6 +314,8 @@ def check_ranker(cfg: Config, core_or_ranker=None, run_dir: str | Path | None = 
         "clearly_above_random": clearly,
         "threshold": CLEARLY_ABOVE_RANDOM,
         "ranker_failures": after.failures - before.failures,
+        "failures": counted.to_dict(),
+        "failures_line": failures_line,
         "wall_s": time.perf_counter() - t0,
     }
     if not quiet:
@@ -316,7 +334,8 @@ def check_ranker(cfg: Config, core_or_ranker=None, run_dir: str | Path | None = 
 
 def ranker_check_table(report: dict) -> str:
     m = report["metric"]
-    lines = [f"ranker check: task-wise prompt on {report['n_users']} validation users "
+    lines = ([report["failures_line"]] if report.get("failures_line") else []) + [
+             f"ranker check: task-wise prompt on {report['n_users']} answered validation users "
              f"({report['ranker']['model']}, {report['ranker']['mode']} mode)",
              f"{'':12s} {m:>8s}  {'95% CI':>18s}"]
     r, p = report["ranker_metrics"][m], report["popularity_metrics"][m]

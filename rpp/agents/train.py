@@ -38,6 +38,7 @@ from rpp.agents.checkpoints import (
 from rpp.agents.learner import ThompsonPPO
 from rpp.agents.policy import PATTERNS, FourAgentPolicy
 from rpp.config import Config
+from rpp.llm.failures import FailureBudgetExceeded, phase as failure_phase
 from rpp.envs.core import CONTEXT_ROWS
 
 ALGORITHMS = {"thompson": ThompsonPPO, "ppo": PPO}
@@ -171,8 +172,15 @@ def train(cfg: Optional[Config], resume: str | Path | None = None,
             ours.append(schedule)
         remaining = total_timesteps - model.num_timesteps
         if remaining > 0:
-            model.learn(total_timesteps=remaining, reset_num_timesteps=checkpoint is None, log_interval=1,
-                        callback=CallbackList([*ours, *(callbacks or [])]))
+            try:  # rollouts and their baselines: over the failure budget, stop on the last checkpoint
+                with failure_phase(ranker, "training rollouts", cfg.llm.max_failure_rate):
+                    model.learn(total_timesteps=remaining, reset_num_timesteps=checkpoint is None, log_interval=1,
+                                callback=CallbackList([*ours, *(callbacks or [])]))
+            except FailureBudgetExceeded as exc:
+                write_json(run_dir / "usage.json", metrics.usage_record(model.num_timesteps))
+                raise FailureBudgetExceeded(
+                    f"{exc}. Checkpoints up to the last complete one are kept in {run_dir}; once the server "
+                    f"answers again, continue with: rpp train --resume {run_dir}", exc.phase) from None
 
         # ---- 8. final checkpoint, usage, learning curve ------------------------------------------------------------
         checkpoints.init_callback(model)
@@ -189,7 +197,8 @@ def train(cfg: Optional[Config], resume: str | Path | None = None,
 
         # ---- 9. safe-improvement gate: serve the policy only where it beats the best fixed prompt ---------------
         if cfg.data.n_val_users > 0:
-            gate = safe_improvement_gate(cfg, run_dir, model, ranker, encoder, progress=progress)
+            with failure_phase(ranker, "validation gate", cfg.llm.max_failure_rate):
+                gate = safe_improvement_gate(cfg, run_dir, model, ranker, encoder, progress=progress)
             print(f"gate: serving the {gate['served']} ({gate['reason']})", file=sys.stderr)
     finally:
         if own_ranker:

@@ -159,7 +159,7 @@ class BenchContext:
         from tqdm.auto import tqdm
 
         out: list[Ranking] = []
-        bar = tqdm(total=n, unit=unit, desc=desc, leave=False, disable=n <= CHUNK_USERS)
+        bar = tqdm(total=n, unit=unit, desc=desc, leave=False)  # every phase shows its rate (requests/s)
         for start in range(0, n, CHUNK_USERS):
             requests = [request_of(i) for i in range(start, min(start + CHUNK_USERS, n))]
             rankings = self.ranker.rank(requests)
@@ -253,6 +253,7 @@ class FixedPromptMethod(Method):
         self._chosen = chosen
         self.texts = dict(texts or {})
         self.val_ranks: Optional[np.ndarray] = None
+        self.val_failed: Optional[np.ndarray] = None
         self.description = description
 
     @property
@@ -266,7 +267,10 @@ class FixedPromptMethod(Method):
         if not users:
             raise BenchmarkError(f"{self.name}: choosing the best task-wise prompt needs validation users "
                                  f"(data.n_val_users > 0)")
-        self.val_ranks = ranks_of(users, self.rank(users))
+        rankings = self.rank(users)
+        self.val_ranks = ranks_of(users, rankings)
+        self.val_failed = np.array([bool(getattr(r, "failed", False)) for r in rankings], dtype=bool)
+        """Per validation user: did the request fail (the ranker check judges answered requests only)."""
         self.val_ndcg10 = float(ndcg_at_k(self.val_ranks, 10).mean())
 
     def rank(self, users: Sequence[UserSample]) -> list[Ranking]:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+import pandas as pd
 import yaml
 
 from rpp.benchmark.methods import BenchContext, BenchmarkError, Method, build_methods, ranks_of
@@ -30,6 +31,7 @@ from rpp.benchmark.report import (
 )
 from rpp.config import Config, redact
 from rpp.llm.base import Ranker, Ranking
+from rpp.llm.failures import FailureBudgetExceeded, FailureLog
 from rpp.metrics import bootstrap_ci, check_above_random, ndcg_at_k, paired_test
 
 
@@ -43,8 +45,10 @@ class MeteredRanker(Ranker):
     reading usage see the real ranker.
     """
 
-    def __init__(self, inner: Ranker) -> None:
+    def __init__(self, inner: Ranker, failures: Optional[FailureLog] = None) -> None:
         self.inner = inner
+        self.failures = failures or FailureLog()
+        """The benchmark's per-method failure phases ("fit: NAME", "rank: NAME"), with the budget."""
         self.identity = inner.identity
         self.usage = inner.usage
         self.meter = Meter()
@@ -61,6 +65,7 @@ class MeteredRanker(Ranker):
             m.failures += int(r.failed)
             m.prompt_tokens += int(r.prompt_tokens)
             m.completion_tokens += int(r.completion_tokens)
+        self.failures.observe(rankings)  # over budget: FailureBudgetExceeded, the method's row becomes INVALID
         return rankings
 
     def snapshot(self) -> Meter:
@@ -118,12 +123,14 @@ def run_benchmark(cfg: Config, *, ranker: Optional[Ranker] = None, command: Opti
     if test_ids & {u.user for u in split.val + split.train}:  # split_users guarantees it; a benchmark re-checks
         raise BenchmarkError("test users overlap validation or training users")
 
+    failures = FailureLog()
+
     def make() -> Ranker:
         if ranker is not None:
-            return MeteredRanker(ranker)
+            return MeteredRanker(ranker, failures)
         from rpp.llm import make_ranker
 
-        return MeteredRanker(make_ranker(cfg))
+        return MeteredRanker(make_ranker(cfg), failures)
 
     ctx = BenchContext(cfg=cfg, dataset=dataset, fit_users=list(fit_users),
                        train_interactions=split.train_interactions, ranker_factory=make,
@@ -137,11 +144,21 @@ def run_benchmark(cfg: Config, *, ranker: Optional[Ranker] = None, command: Opti
 
     results: list[MethodResult] = []
     fitted: list[Method] = []
+    invalid: Optional[tuple[str, FailureBudgetExceeded]] = None
+    budget = cfg.llm.max_failure_rate
     for m in methods:
         m0, t0 = meter(), time.perf_counter()
-        m.fit()
-        m1, t1 = meter(), time.perf_counter()
-        rankings = m.rank(list(test_users))
+        try:
+            with failures.phase(f"fit: {m.name}", budget):
+                m.fit()
+            m1, t1 = meter(), time.perf_counter()
+            with failures.phase(f"rank: {m.name}", budget):
+                rankings = m.rank(list(test_users))
+        except FailureBudgetExceeded as exc:
+            # the rows that completed are kept; this one is INVALID and the run stops (the server is failing)
+            invalid = (m.name, exc)
+            say(f"  {m.name:28s} INVALID: {exc}")
+            break
         m2, t2 = meter(), time.perf_counter()
         ranks = ranks_of(test_users, rankings)
         res = MethodResult(name=m.name, family=m.family, notes=m.notes(), ranks=ranks,
@@ -152,13 +169,17 @@ def run_benchmark(cfg: Config, *, ranker: Optional[Ranker] = None, command: Opti
         results.append(res)
         fitted.append(m)
         say(f"  {m.name:28s} NDCG@10 {res.metrics['ndcg@10'].mean():.4f}  "
-            f"(fit {t1 - t0:.1f} s, rank {t2 - t1:.1f} s, {res.infer_usage.requests} requests)")
+            f"(fit {t1 - t0:.1f} s, rank {t2 - t1:.1f} s, {res.infer_usage.requests} requests; "
+            f"{int(res.failed.sum())} of {len(test_users)} test users failed)")
 
     reference = _choose_reference(fitted)
     table = results_table(results, reference.name if reference else None, n_boot=cfg.eval.n_bootstrap,
                           seed=cfg.seed, n_fit_users=len(fit_users))
+    rows = [table.assign(status="ok")]
+    if invalid is not None:  # excluded from every statistic and paired test; kept in results.csv as INVALID
+        rows.append(pd.DataFrame([{"method": invalid[0], "status": "INVALID", "error": str(invalid[1])}]))
     per_user = per_user_table(test_users, results)
-    table.to_csv(out_dir / "results.csv", index=False, float_format="%.6g")
+    pd.concat(rows, ignore_index=True).to_csv(out_dir / "results.csv", index=False, float_format="%.6g")
     per_user.to_csv(out_dir / "per_user.csv", index=False, float_format="%.6g")
     cfg.save(out_dir / "config.yaml")
     plot_ndcg(table, reference.name if reference else None, out_dir / "ndcg10.png")
@@ -167,8 +188,13 @@ def run_benchmark(cfg: Config, *, ranker: Optional[Ranker] = None, command: Opti
     total_s = time.perf_counter() - t_start
     identity = ctx.ranker.identity if ctx.has_ranker else None
     _write_markdown(out_dir, cfg, table, results, reference, sanity, bias, len(test_users), len(fit_users),
-                    total_s, _command_line(command), identity)
+                    total_s, _command_line(command), identity, failures, invalid)
+    for line in failures.report_lines():
+        say(f"  failures, {line}")
     say(f"report: {out_dir / 'report.md'} ({total_s:.1f} s)")
+    if invalid is not None:
+        raise FailureBudgetExceeded(f"benchmark stopped, row '{invalid[0]}' is INVALID: {invalid[1]}; the "
+                                    f"{len(results)} completed rows are in {out_dir / 'report.md'}", invalid[1].phase)
     return out_dir
 
 
@@ -189,14 +215,20 @@ def _sanity_check(ctx: BenchContext, reference: Optional[Method], cfg: Config) -
         return None
     from rpp.benchmark.classic import PopularityScorer
 
-    users = ctx.fit_users
-    llm = ndcg_at_k(reference.val_ranks, 10)
+    failed = getattr(reference, "val_failed", None)
+    answered = ~failed if failed is not None else np.ones(len(ctx.fit_users), dtype=bool)
+    requests_line = f"{int((~answered).sum())} of {len(answered)} requests failed"
+    users = [u for u, ok in zip(ctx.fit_users, answered) if ok]
+    if not users:
+        return {"requests_line": requests_line, "users": 0, "passes": False}
+    val_ranks = np.asarray(reference.val_ranks)[answered]
+    llm = ndcg_at_k(val_ranks, 10)
     pop = ndcg_at_k(ranks_of(users, PopularityScorer(ctx.train_interactions).rank(users)), 10)
     n_boot, seed = cfg.eval.n_bootstrap, cfg.seed
-    vs_random = check_above_random(reference.val_ranks, [len(u.candidates) for u in users], k=10, n_boot=n_boot,
+    vs_random = check_above_random(val_ranks, [len(u.candidates) for u in users], k=10, n_boot=n_boot,
                                    seed=seed)
     return {
-        "users": len(users), "prompt": reference.name,
+        "requests_line": requests_line, "users": len(users), "prompt": reference.name,
         "llm": bootstrap_ci(llm, n_boot, seed=seed), "random": vs_random.random,
         "popularity": bootstrap_ci(pop, n_boot, seed=seed),
         "vs_random": vs_random, "vs_popularity": paired_test(llm, pop),
@@ -206,7 +238,8 @@ def _sanity_check(ctx: BenchContext, reference: Optional[Method], cfg: Config) -
 
 def _write_markdown(out_dir: Path, cfg: Config, table, results: Sequence[MethodResult], reference,
                     sanity: Optional[dict], bias, n_test: int, n_fit: int, total_s: float, command: str,
-                    ranker_identity: Optional[str]) -> None:
+                    ranker_identity: Optional[str], failures: Optional[FailureLog] = None,
+                    invalid: Optional[tuple] = None) -> None:
     ref_name = reference.name if reference else None
     lines = [f"# Benchmark `{cfg.name}`", ""]
     lines += [
@@ -233,6 +266,17 @@ def _write_markdown(out_dir: Path, cfg: Config, table, results: Sequence[MethodR
     else:
         lines += ["No task-wise method was run, so there is no reference and no paired test.", ""]
     lines += ["## Results", "", markdown_table(table, ref_name), ""]
+    if invalid is not None:
+        lines += [f"**INVALID: `{invalid[0]}`** stopped over the failure budget and is excluded from every "
+                  f"statistic and paired test: {invalid[1]}. Methods after it were not run.", ""]
+    failed_rows = [(r.name, int(r.failed.sum())) for r in results if r.failed.any()]
+    if failed_rows:
+        lines += ["Failed test users (under the failure budget llm.max_failure_rate="
+                  f"{cfg.llm.max_failure_rate:g}): " + ", ".join(f"{n}: {k} of {n_test}" for n, k in failed_rows)
+                  + ". A failed user's request is ranked in PRESENTED order (the candidate list as shown) and "
+                  "counted in the row's mean.", ""]
+    if failures is not None and failures.phases:
+        lines += ["Ranker requests per phase: " + "; ".join(failures.report_lines()) + ".", ""]
     lines += [
         "Columns: metrics are means over test users with 95% percentile-bootstrap CIs "
         f"({cfg.eval.n_bootstrap} resamples, seed {cfg.seed}; all CIs in results.csv). `val NDCG@10`: on the "
@@ -253,11 +297,13 @@ def _write_markdown(out_dir: Path, cfg: Config, table, results: Sequence[MethodR
     lines += ["## Ranker sanity check (validation users)", ""]
     if sanity is None:
         lines += ["Skipped: no task-wise prompt was run.", ""]
+    elif not sanity["users"]:
+        lines += [f"{sanity['requests_line']}: no answered request, nothing to check.", ""]
     else:
         verdict = "PASSES" if sanity["passes"] else "FAILS"
         gain = sanity["vs_random"].gain
         lines += [
-            f"On {sanity['users']} validation users, prompt `{sanity['prompt']}`: NDCG@10 LLM {sanity['llm']}, "
+            f"{sanity['requests_line']}; on the {sanity['users']} answered validation users, prompt `{sanity['prompt']}`: NDCG@10 LLM {sanity['llm']}, "
             f"random {sanity['random']:.4f} (exact expectation), popularity {sanity['popularity']}. LLM - random: "
             f"{gain.mean:+.4f} [{gain.low:+.4f}, {gain.high:+.4f}] (mean per-user gain, 95% bootstrap CI); LLM vs "
             f"popularity: {sanity['vs_popularity'].mean_diff:+.4f} (p = {_p(sanity['vs_popularity'].p_value)}). "

@@ -150,10 +150,14 @@ class UsageTracker:
     """Thread-safe running totals, one per ranker (and per refiner)."""
 
     def __init__(self) -> None:
+        from rpp.llm.failures import FailureLog
+
         self._lock = threading.Lock()
         self.total = Usage()
         self.batches = 0
         """Calls to rank()/generate() (a batch of N requests counts once)."""
+        self.failures = FailureLog()
+        """Failed requests per named phase, with causes and the failure budget (rpp.llm.failures)."""
 
     def record(self, rankings: Sequence[Ranking] = (), *, retries: int = 0, wall_s: float = 0.0) -> None:
         """Count one rank() call: its rankings (cache hits apart), the retries they carry plus `retries`."""
@@ -171,6 +175,7 @@ class UsageTracker:
                 self.total.retries += r.retries
                 self.total.prompt_tokens += r.prompt_tokens
                 self.total.completion_tokens += r.completion_tokens
+        self.failures.observe(rankings)  # after counting: may raise FailureBudgetExceeded
 
     def record_calls(self, *, calls: int, failures: int = 0, prompt_tokens: int = 0, completion_tokens: int = 0,
                      retries: int = 0, cache_hits: int = 0, wall_s: float = 0.0, unparseable: int = 0) -> None:
