@@ -231,9 +231,11 @@ def verdict(rel: dict, g: Gains) -> tuple[str, str]:
     learnable = g.state is None or g.state_vs_fixed["low"] > 0
     if reliable and learnable:
         return TRAIN, numbers
+    why = ("per-user effects repeat, but no observable feature predicts them better than a fixed prompt"
+           if reliable else "per-user effects do not repeat from one half of the items to the other")
     if g.fixed["low"] > 0:
-        return FIXED, numbers
-    return KEEP, numbers
+        return FIXED, f"{why}; {numbers}"
+    return KEEP, f"{why}; {numbers}"
 
 
 def analyse(ndcg, labels: Optional[Mapping[str, np.ndarray]] = None, n_boot: int = 1000, seed: int = 0) -> dict:
