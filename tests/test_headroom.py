@@ -2,7 +2,6 @@
 import json
 
 import numpy as np
-import pytest
 
 from rpp.benchmark import headroom as H
 from rpp.benchmark.headroom_run import run_headroom
@@ -17,7 +16,7 @@ role:
   - {id: recommender, text: "You are a recommender system that predicts which {item_noun} a person will choose next."}
   - {id: expert, text: "You are an expert on {item_noun_plural} who knows which ones appeal to the same audience."}
 history:
-  - {id: recent_15, text: "These are the {n_history} {item_noun_plural} this user chose, oldest first:", params: {window: 15}}
+  - {id: recent_15, text: "The {n_history} {item_noun_plural} this user chose, oldest first:", params: {window: 15}}
 reasoning:
   - {id: none, text: ""}
 format:

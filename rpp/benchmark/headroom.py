@@ -130,7 +130,7 @@ def reliability(ndcg, n_boot: int = 1000, seed: int = 0) -> dict:
     return out
 
 
-def _group_best(scores: np.ndarray, labels: np.ndarray, n_prompts: int) -> dict:
+def _group_best(scores: np.ndarray, labels: np.ndarray) -> dict:
     """Best prompt per group label (ties to the earlier prompt, so to the task-wise one)."""
     return {g: int(np.argmax(scores[labels == g].mean(0))) for g in np.unique(labels)}
 
@@ -139,7 +139,7 @@ def _state_gain(x: np.ndarray, labels: Mapping[str, np.ndarray], seed: int) -> t
     """Per-user gain (half B, vs task-wise) of the best prompt per observable group, learned on the other fold of
     users. Within the training fold, the feature is chosen by its own A->B gain, then the group's best prompt is
     taken on all of the training fold's items; the held-out fold is read only on half B, to be measured."""
-    n_users, n_prompts, n_items = x.shape
+    n_users, n_items = x.shape[0], x.shape[2]
     a, b = halves(n_items)
     fold = np.zeros(n_users, dtype=int)
     fold[np.random.default_rng([int(seed), 0x57A7]).permutation(n_users)[n_users // 2:]] = 1
@@ -151,12 +151,12 @@ def _state_gain(x: np.ndarray, labels: Mapping[str, np.ndarray], seed: int) -> t
         best_name, best_val = None, -np.inf
         for name, lab in labels.items():
             lab = np.asarray(lab)
-            rule = _group_best(xa[train], lab[train], n_prompts)
+            rule = _group_best(xa[train], lab[train])
             val = np.mean([xb[u, rule[lab[u]]] - xb[u, 0] for u in np.flatnonzero(train)])
             if val > best_val:
                 best_name, best_val = name, val
         lab = np.asarray(labels[best_name])
-        rule = _group_best(xall[train], lab[train], n_prompts)
+        rule = _group_best(xall[train], lab[train])
         for u in np.flatnonzero(test):
             k = rule.get(lab[u], 0)  # a group the training fold never saw: the task-wise prompt
             gain[u] = xb[u, k] - xb[u, 0]
@@ -218,7 +218,8 @@ def verdict(rel: dict, g: Gains) -> tuple[str, str]:
     """(verdict, the numbers behind it). TRAIN needs all three: per-user effects that repeat across items (the
     Spearman-Brown reliability's CI above 0), a per-user pick on half A that gains on half B (CI above 0) and, when
     observable groups were given, a state rule learned on other users that gains MORE than the best fixed prompt
-    (CI of the per-user difference above 0): a policy only reads the state, and must beat a fixed prompt. Else FIXED when the fixed prompt picked on half A gains on half B (CI above 0); else KEEP."""
+    (CI of the per-user difference above 0): a policy only reads the state, and must beat a fixed prompt. Else
+    FIXED when the fixed prompt picked on half A gains on half B (CI above 0); else KEEP."""
     sb = rel["user_prompt"]["spearman_brown"]
     fmt = lambda d: f"{d['value']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"  # noqa: E731
     numbers = (f"per-user effect reliability (Spearman-Brown) {fmt(sb)}; gains on half B vs task-wise "

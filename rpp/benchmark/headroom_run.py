@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -21,7 +19,7 @@ import numpy as np
 
 from rpp.benchmark import headroom as H
 from rpp.benchmark.methods import BenchContext, BenchmarkError, chosen_actions, prompt_combinations
-from rpp.benchmark.runner import MeteredRanker
+from rpp.benchmark.runner import MeteredRanker, _command_line
 from rpp.config import Config
 from rpp.llm.base import Ranker
 from rpp.metrics import ndcg_at_k, target_rank
@@ -127,8 +125,9 @@ def run_headroom(cfg: Config, *, ranker: Optional[Ranker] = None, command: Optio
         "wall_s": train_requests * per_request_s if per_request_s is not None else None}
     g = res["gains"]
     record = {
-        "command": _command_line(command), "config_name": cfg.name, "ranker": ctx.ranker.identity,
-        "users": [u.user for u, k in zip(users, keep) if k], "failed_users": [u.user for u, f in zip(users, failed) if f],
+        "command": _command_line(command, "headroom"), "config_name": cfg.name, "ranker": ctx.ranker.identity,
+        "users": [u.user for u, k in zip(users, keep) if k],
+        "failed_users": [u.user for u, f in zip(users, failed) if f],
         "prompts": prompts, "items": n_j, "variance": res["variance"], "reliability": res["reliability"],
         "gains": {"taskwise_b": g.taskwise_b, "fixed_pick": g.fixed_pick, "fixed": g.fixed, "per_user": g.per_user,
                   "state": g.state, "state_vs_fixed": g.state_vs_fixed, "state_features": g.state_features,
@@ -153,15 +152,6 @@ def _jsonable(x):
     if isinstance(x, np.ndarray):
         return x.tolist()
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
-
-
-def _command_line(command: Optional[str]) -> str:
-    if command:
-        return command
-    argv = list(sys.argv)
-    if argv and "headroom" in argv[1:2]:
-        return " ".join(["rpp"] + [shlex.quote(a) for a in argv[1:]])
-    return "run_headroom(cfg) from Python (no CLI command)"
 
 
 def _fmt_s(s: Optional[float]) -> str:
