@@ -193,7 +193,7 @@ def _plot(ndcg: np.ndarray, g: "H.Gains", path: Path) -> None:
                      color="tab:red" if "oracle" in name else "tab:blue", capsize=4)
     ax2.axvline(0, color="grey", lw=0.8)
     ax2.set_yticks(ys, [n for n, _ in rows])
-    ax2.set_xlabel(f"NDCG@10 gain on half B vs the task-wise prompt ({g.taskwise_b:.3f}), 95% CI")
+    ax2.set_xlabel(f"NDCG@10 gain on half B vs task-wise ({g.taskwise_b:.3f}), 95% CI")
     ax2.set_title("gains")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
