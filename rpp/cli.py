@@ -8,6 +8,7 @@
     rpp train          --resume RUN_DIR [--config FILE] [--set k=v ...] [--no-cache]
     rpp evaluate       --run RUN_DIR [--split test] [--steps T] [--users N] [--set k=v ...] [--no-cache]
     rpp benchmark      --config FILE [--set k=v ...] [--no-cache]
+    rpp headroom       --config FILE [--users N --prompts K --items J --out DIR] [--set k=v ...] [--no-cache]
     rpp demo           [--config FILE] [--set k=v ...] [--no-cache]
     rpp serve          --run RUN_DIR [--host H] [--port P] [--set k=v ...] [--no-rank] ...
     rpp personalize    --run RUN_DIR --users FILE --out FILE [--chunk-size N] [--set k=v ...]
@@ -156,6 +157,24 @@ def cmd_benchmark(args) -> int:
     return 0
 
 
+def cmd_headroom(args) -> int:
+    from rpp.benchmark.headroom_run import run_headroom
+    from rpp.benchmark.methods import BenchmarkError
+    from rpp.config import load_config
+
+    overrides = _overrides(args)
+    for flag, key in (("users", "users"), ("prompts", "prompts"), ("items", "items"), ("out", "output_dir")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"headroom.{key}={value}")
+    try:
+        run_headroom(load_config(args.config, overrides))
+    except BenchmarkError as exc:
+        print(f"rpp: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_demo(args) -> int:
     from rpp.demo import run_demo
 
@@ -264,6 +283,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
     p.set_defaults(func=cmd_personalize)
+
+    p = with_config(sub.add_parser("headroom", help="is per-user prompting worth it on this ranker? (before "
+                                                    "training)"), required=True)
+    p.add_argument("--users", type=int, default=None, help="training/validation users (headroom.users)")
+    p.add_argument("--prompts", type=int, default=None, help="prompts, task-wise included (headroom.prompts)")
+    p.add_argument("--items", type=int, default=None, help="history items per user as episodes (headroom.items)")
+    p.add_argument("--out", default=None, metavar="DIR", help="output folder (headroom.output_dir)")
+    p.add_argument("--no-cache", action="store_true")
+    p.set_defaults(func=cmd_headroom)
 
     p = with_config(sub.add_parser("demo", help="fetch, train on a small budget, evaluate, print the table"))
     p.add_argument("--no-cache", action="store_true", help="bypass the LLM response cache")

@@ -464,6 +464,36 @@ class AGPConfig(_Section):
     """Generation budget of one prompt rewrite."""
 
 
+class HeadroomConfig(_Section):
+    """`rpp headroom`: is per-user prompting worth it on this ranker, before any training (docs/headroom.md)? Each
+    of `users` training/validation users (never test users) is ranked under `prompts` prompts on `items`
+    pseudo-episodes built from the user's own last history items, and split-half statistics over the items say
+    whether per-user prompt effects repeat, whether a fixed prompt beats the task-wise one, and what a policy that
+    reads the user's state could gain."""
+
+    users: int = Field(200, ge=2)
+    """Users, taken in order from the split's training then validation users that have more than `items` history
+    items (fewer when fewer qualify; the report says how many)."""
+    prompts: int = Field(6, ge=2)
+    """Prompts: the task-wise one plus prompts - 1 seeded combinations of the action set (all of them when the set
+    has at most this many)."""
+    items: int = Field(4, ge=2)
+    """Pseudo-episodes per user: its last `items` history items, each as the target with the history before it and
+    its own seeded negatives (halves A and B alternate over them)."""
+    features: list[Literal["genre", "recent_genre", "history_length", "mean_rating", "rating_spread",
+                           "high_rating_share"]] = Field(
+        default_factory=lambda: ["genre", "recent_genre", "history_length", "mean_rating", "rating_spread",
+                                 "high_rating_share"])
+    """Observable user features (rpp.envs.features.FEATURES) for the state rule: the best prompt per feature group,
+    learned on other users; numeric ones are cut into `feature_buckets` quantile buckets."""
+    feature_buckets: int = Field(4, ge=2)
+    """Quantile buckets of a numeric feature."""
+    n_bootstrap: int = Field(1000, ge=100)
+    """Bootstrap draws over users for every confidence interval."""
+    output_dir: Optional[str] = None
+    """Where report.md, headroom.png and headroom.json go (default: experiments/results/headroom-<name>)."""
+
+
 class Config(_Section):
     name: str = "rpp"
     """Run name: runs/<name>/ and experiments/results/<name>/."""
@@ -482,6 +512,8 @@ class Config(_Section):
     """benchmark method `papprec` (rows papprec_shared, papprec_personal)."""
     agp: AGPConfig = Field(default_factory=AGPConfig)
     """benchmark methods `agp` and `profile_fixed`."""
+    headroom: HeadroomConfig = Field(default_factory=HeadroomConfig)
+    """`rpp headroom`: the per-user headroom diagnostic."""
 
     @model_validator(mode="after")
     def _inherit_endpoint(self) -> "Config":

@@ -137,10 +137,14 @@ class BenchContext:
 
         if len(chosen) != len(samples):
             raise ValueError(f"{len(chosen)} prompt choices for {len(samples)} samples")
-        return self._rank_in_chunks(
-            len(samples), lambda i: self.builder.request(UserContext.from_sample(samples[i], self.dataset),
-                                                         chosen[i])[1],
-            desc="ranking holdouts", unit="sample")
+
+        def request(i: int):
+            req = self.builder.request(UserContext.from_sample(samples[i], self.dataset), chosen[i])[1]
+            # for instrumented rankers only (rpp.llm.planted): this episode's target slot and history length
+            req.tags.update(target_index=samples[i].target_index, episode=len(samples[i].history))
+            return req
+
+        return self._rank_in_chunks(len(samples), request, desc="ranking holdouts", unit="sample")
 
     def rank_prompts(self, users: Sequence[UserSample], chosen: Sequence[dict],
                      refined: Optional[Sequence[Optional[dict]]] = None) -> list[Ranking]:

@@ -89,14 +89,14 @@ def _cores() -> str:
     return f"{usable} usable of {total} logical cores ({platform.machine()}, {platform.system()})"
 
 
-def _command_line(command: Optional[str]) -> str:
+def _command_line(command: Optional[str], subcommand: str = "benchmark") -> str:
     """The command as the user typed it when run from the `rpp` CLI (program name without its install path)."""
     if command:
         return command
     argv = list(sys.argv)
-    if argv and "benchmark" in argv[1:2]:
+    if argv and subcommand in argv[1:2]:
         return " ".join(["rpp"] + [shlex.quote(a) for a in argv[1:]])
-    return "run_benchmark(cfg) from Python (no CLI command)"
+    return f"run_{subcommand}(cfg) from Python (no CLI command)"
 
 
 def run_benchmark(cfg: Config, *, ranker: Optional[Ranker] = None, command: Optional[str] = None,

@@ -7,7 +7,9 @@ on rpp.config.PlantedConfig). It is deterministic and seeded, makes no model cal
 training run costs seconds of ranking and only the learner is being judged.
 
 It reads what a real ranker never sees: the user id and the chosen action ids from ``RankRequest.tags`` (the
-environment fills them) and the target from the split it was built on. Requests without those tags (e.g. hand-made
+environment fills them) and the target from the split it was built on, or, for a history-holdout episode, the
+target slot and episode key that ``BenchContext.rank_samples`` adds to the tags (each such episode draws its own
+noise; the user's group and best actions stay the user's). Requests without those tags (e.g. hand-made
 prompts) are refused with a clear error rather than ranked at random.
 """
 from __future__ import annotations
@@ -113,13 +115,15 @@ class PlantedRanker(Ranker):
         """The best action id of each agent that matters, for this user's group."""
         return dict(self.best[self.group[user]])
 
-    def quality(self, user, actions: dict[str, str], noise: bool = True) -> float:
+    def quality(self, user, actions: dict[str, str], noise: bool = True, episode=None) -> float:
+        """`episode`: a history-holdout episode key (its history length) drawing its own noise; None for the
+        split's episode."""
         best = self.best[self.group[user]]
         hits = [actions.get(p) == best[p] for p in self.rule.agents]
         match = float(all(hits)) if self.rule.interaction == "joint" else float(np.mean(hits))
         q = self.main[user] + self.rule.effect * match
         if noise and self.rule.noise > 0:
-            key = json.dumps(sorted(actions.items()))
+            key = json.dumps(sorted(actions.items())) + ("" if episode is None else f"|{episode}")
             q += self.rule.noise * np.random.default_rng([self.seed, _stable(user), _stable(key)]).standard_normal()
         return float(np.clip(q, 0.0, 1.0))
 
@@ -150,9 +154,11 @@ class PlantedRanker(Ranker):
             missing = set(PATTERNS) - set(actions)
             if missing:
                 raise PlantedRequestError(f"tags['actions'] lacks {sorted(missing)}")
-            rank = self.target_rank(self.quality(user, actions), len(req.candidates))
-            others = [i for i in range(len(req.candidates)) if i != sample.target_index]
-            order = others[:rank - 1] + [sample.target_index] + others[rank - 1:]
+            # a history-holdout request (BenchContext.rank_samples) names its own target slot and episode
+            slot = int(req.tags.get("target_index", sample.target_index))
+            rank = self.target_rank(self.quality(user, actions, episode=req.tags.get("episode")), len(req.candidates))
+            others = [i for i in range(len(req.candidates)) if i != slot]
+            order = others[:rank - 1] + [slot] + others[rank - 1:]
             scores = [0.0] * len(order)
             for pos, idx in enumerate(order):
                 scores[idx] = float(-pos)
