@@ -92,7 +92,9 @@ def test_groups_come_from_the_history_only(ranker):
     from dataclasses import replace
 
     samples = list(ranker.by_user.values())
-    moved = [replace(s, target=-1, candidates=(-1,) + s.candidates[1:]) for s in samples]
+    moved = [replace(s, target=next(c for c in s.candidates if c != s.target), candidates=tuple(reversed(s.candidates)))
+             for s in samples]
+    assert all(m.target != s.target for m, s in zip(moved, samples))
     cfg = planted_cfg()
     from rpp.data import load_dataset
 
