@@ -36,6 +36,10 @@ def overrides(tmp: Path, name: str) -> list[str]:
         "data.n_train_users=4", "data.n_val_users=4", "data.n_test_users=4",
         "env.n_envs=4", "env.steps_per_episode=2", "train.n_steps=2", "train.batch_size=8", "train.n_epochs=4",
         "train.hidden_size=16", "train.learning_rate=0.003", "train.total_steps=24", "train.check_users=4",
+        # PPO alone: the first test checks PPO's own promise on the real ranker's rewards (the default learner's
+        # residual update is importance-weighted, tests/test_learner.py; its resume with a real server:
+        # tests/test_faults.py)
+        "train.learner=ppo",
     ]
 
 
@@ -134,7 +138,9 @@ def test_evaluation_with_the_llm_and_target_shuffling(llm_run):
 
     cfg = load_run_config(run_dir)
     cfg.env.reward_baseline = "none"
-    policy = load_algorithm(cfg, latest_checkpoint(run_dir)).policy
+    from rpp.agents.gate import GatedPolicy, read_gate
+
+    policy = GatedPolicy(load_algorithm(cfg, latest_checkpoint(run_dir)).policy, read_gate(run_dir))  # as served
     ranker = make_ranker(cfg)
     core = make_core(cfg, "test", ranker=ranker, encoder=StateEncoder(cfg.encoder))
     a, b = shuffled_target_rollouts(policy, core, steps=2, seed=1)
