@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -215,7 +215,8 @@ class PosteriorConfig(_Section):
     step reward on a fixed non-linear basis of the user row (one-hots of the categorical features, quantile bins of
     the numeric ones, the genre shares as they are). The intercept is the action's effect on the whole population;
     every other weight is a user-dependent deviation shrunk toward 0, so where a user's evidence is thin the head
-    predicts the population's best action."""
+    predicts the population's best action. How far each feature may pull a user away from the population is
+    estimated from the run's own samples (block_sd)."""
 
     bins: int = Field(6, ge=2, le=32)
     """Quantile bins per numeric user feature (history length, rating mean, spread, share of high ratings); edges
@@ -223,16 +224,15 @@ class PosteriorConfig(_Section):
     middle bucket of history length, say), which a linear weight cannot."""
     intercept_sd: float = Field(0.3, gt=0)
     """Prior standard deviation of each action's population effect (rewards are NDCG differences)."""
-    group_sd: float = Field(0.3, gt=0)
-    """Prior standard deviation of the deviation of one category or bin from the population (a random effect,
-    learnt from that category's or bin's own users)."""
-    share_sd: float = Field(0.03, gt=0)
-    """Prior standard deviation of the weights of the ~40 dense genre-share columns (tight: they fit noise
-    otherwise)."""
-    noise_sd: float = Field(0.3, gt=0)
+    block_sd: list[PositiveFloat] = Field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3], min_length=1)
+    """Candidate prior standard deviations of the user-dependent deviations, one chosen per block of the basis (each
+    categorical feature, each numeric feature's bins, the genre shares) by empirical Bayes: the value that maximizes
+    the marginal likelihood of all the run's samples, summed over agents and actions. Every block starts at the
+    smallest and earns a wider prior from the evidence, so features that do not matter stay shrunk to the
+    population and the one that defines the users' groups is let through (automatic relevance determination)."""
+    noise_sd: float = Field(0.2, gt=0)
     """Assumed standard deviation of a step reward around the model. The per-agent head counts the other agents'
-    choices as noise, which moves a reward by up to ~0.3; a smaller value lets one unlucky sample rule a
-    category's best action out for good."""
+    choices as noise; a smaller value lets one unlucky sample rule a category's best action out for good."""
     draws: int = Field(64, ge=1)
     """Posterior draws per observation for the Thompson choice probabilities (the behaviour policy)."""
 
@@ -283,7 +283,8 @@ class TrainConfig(_Section):
     gate_users: Optional[int] = Field(None, ge=1)
     """Validation users for the safe-improvement gate at the end of training (default: every validation user;
     rpp.agents.gate). The gate serves the policy only where it beats the best fixed prompt with confidence. It
-    costs (2 + sum over agents of (actions - 1)) + eval.steps requests per user: 23 + T with the default action set."""
+    costs at most (4 + sum over agents of (actions - 1)) + eval.steps requests per user: 25 + T with the default action
+    set."""
     gate_alpha: float = Field(0.05, gt=0, lt=0.5)
     """One-sided level of the gate's lower confidence bound on (policy - fixed) NDCG."""
     device: str = "cpu"

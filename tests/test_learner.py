@@ -56,10 +56,15 @@ def _posterior_data(rng, n, best_by_bin):
     return basis, phi, actions, rewards, bins
 
 
+def _posterior(basis):
+    return RewardPosterior(NVEC, basis.blocks, intercept_sd=0.3, block_sd=[0.01, 0.03, 0.1, 0.3], noise_sd=0.2,
+                           draws=64)
+
+
 def test_posterior_finds_a_middle_bucket_rule():
     rng = np.random.default_rng(0)
     basis, phi, actions, rewards, bins = _posterior_data(rng, 600, best_by_bin=[0, 1, 0])
-    post = RewardPosterior(NVEC, basis.prior_sd(0.3, 0.3, 0.03), noise_sd=0.3, draws=64)
+    post = _posterior(basis)
     post.add(phi, actions, rewards)
     greedy = (phi @ post.means()[0].T).argmax(1)
     assert (greedy == np.array([0, 1, 0])[bins]).mean() > 0.97
@@ -75,10 +80,27 @@ def test_posterior_shrinks_toward_the_population_where_evidence_is_thin():
     basis, phi, actions, rewards, bins = _posterior_data(rng, 600, best_by_bin=[2, 2, 2])
     keep = (bins != 1) | (np.arange(len(bins)) < 20) & (bins == 1)
     keep &= ~((bins == 1) & (actions[:, 0] == 2))  # the thin bin never saw action 2
-    post = RewardPosterior(NVEC, basis.prior_sd(0.3, 0.3, 0.03), noise_sd=0.3, draws=64)
+    post = _posterior(basis)
     post.add(phi[keep], actions[keep], rewards[keep])
     greedy = (phi @ post.means()[0].T).argmax(1)
     assert (greedy[bins == 1] == 2).mean() > 0.9
+
+
+def test_empirical_bayes_widens_the_prior_of_the_feature_that_matters_only():
+    """The rule is on the numeric feature: its block earns a wide prior, the categorical block and the shares stay
+    at the smallest scale; with no rule at all every block stays there. The chosen scales maximize the evidence."""
+    rng = np.random.default_rng(2)
+    basis, phi, actions, rewards, _ = _posterior_data(rng, 600, best_by_bin=[0, 1, 0])
+    post = _posterior(basis)
+    post.add(phi, actions, rewards)
+    post.posterior()
+    categorical, numeric, shares = post.scales
+    assert numeric >= 0.1 and categorical == shares == 0.01
+    assert post.log_evidence(post.scales) > post.log_evidence(np.full(3, 0.3))
+    null = _posterior(basis)
+    null.add(phi, actions, 0.2 * rng.standard_normal(len(phi)))
+    null.posterior()
+    assert (null.scales == 0.01).all()
 
 
 class BinEnv(gym.Env):
@@ -208,3 +230,22 @@ def test_the_gate_searches_the_best_fixed_prompt_agent_by_agent():
     assert best == [2, 1, 3] and tried[(2, 1, 3)] == pytest.approx(0.65)
     assert len(calls) == len(set(map(tuple, calls))) <= 2 + (2 + 1 + 3)
     assert tried[(2, 1, 0)] == pytest.approx(0.5)
+
+
+def test_the_best_whole_prompts_seen_in_training_are_gate_starts():
+    """A joint effect (agents 0 and 1 pay only together) is invisible to per-agent means but not to whole prompts:
+    best_seen ranks whole prompts by their mean reward, ignoring those tried fewer than min_samples times."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(3)
+    basis = UserBasis(LAYOUT, bins=3)
+    actions = np.stack([rng.integers(0, n_a, 400) for n_a in NVEC], 1)
+    rewards = 0.3 * ((actions[:, 0] == 2) & (actions[:, 1] == 1)) + 0.05 * rng.standard_normal(400)
+    rewards = rewards[actions.any(1)]
+    actions = actions[actions.any(1)]
+    actions = np.concatenate([actions, [[0, 0, 0, 0]]])  # one lucky sample of a prompt tried once
+    rewards = np.concatenate([rewards, [5.0]])
+    post = _posterior(basis)
+    post.add(np.ones((len(actions), basis.dim)), actions, rewards)
+    seen = ThompsonPPO.best_seen(SimpleNamespace(reward_model=post), 3)
+    assert len(seen) == 3 and all(s[:2] == [2, 1] for s in seen)

@@ -3,11 +3,12 @@ confidence; otherwise it serves that fixed prompt.
 
 At the end of `rpp train`, on VALIDATION users (never test users; the first train.gate_users of them):
 1. the reference, the best fixed prompt on those users, found by one pass of coordinate ascent: start from the
-   better of the task-wise prompt and the learner's own pick (for the thompson learner, per agent the action whose
-   posterior-mean reward over the TRAINING users is highest, ThompsonPPO.population_best; for PPO alone, the
-   combination its greedy policy gives most often on the training users), then for each agent in turn try every
-   one of its actions with the others held and keep the best. That is 2 + sum(n_actions - 1) fixed prompts, one
-   request per user each. A fixed prompt picked from the learner's estimates alone can be far from the best one:
+   best of the task-wise prompt and the learner's own picks (for the thompson learner, per agent the action whose
+   posterior-mean reward over the TRAINING users is highest, ThompsonPPO.population_best, and the BEST_SEEN whole
+   prompts with the best mean reward in training, which find prompts whose agents only pay together; for PPO
+   alone, the combination its greedy policy gives most often on the training users), then for each agent in turn
+   try every one of its actions with the others held and keep the best. That is up to 4 + sum(n_actions - 1)
+   fixed prompts, one request per user each. A fixed prompt picked from the learner's estimates alone can be far from the best one:
    with several equally common user groups, which prompt is best for everybody depends on the groups' exact shares,
    and on a null planted rule the head's pick served 5-10% below the best fixed prompt;
 2. the policy is ranked for every validation user greedily over eval.steps steps; users where its request or the
@@ -68,18 +69,24 @@ class GatedPolicy:
         return getattr(self.policy, name)
 
 
-def _learner_pick(model, train_core, batch_size: int) -> list[int]:
+BEST_SEEN = 2
+"""Whole prompts with the best mean reward in training that the gate also tries as starts (thompson learner)."""
+
+
+def _learner_picks(model, train_core, batch_size: int) -> list[list[int]]:
+    """The learner's candidates for the best fixed prompt: its population pick first (module doc), then for the
+    thompson learner the BEST_SEEN whole prompts with the best mean reward in training."""
     from rpp.agents.learner import ThompsonPPO
 
     if isinstance(model, ThompsonPPO):
         rows = np.stack([train_core.user_rows(s)[0] for s in train_core.samples])
-        return model.population_best(rows)
+        return [model.population_best(rows), *model.best_seen(BEST_SEEN)]
     counts: Counter = Counter()
     for start in range(0, len(train_core.samples), batch_size):
         _, obs = train_core.reset(train_core.samples[start:start + batch_size])
         actions, _ = model.policy.predict(obs, deterministic=True)
         counts.update(tuple(int(a) for a in row) for row in np.asarray(actions))
-    return list(counts.most_common(1)[0][0])
+    return [list(counts.most_common(1)[0][0])]
 
 
 def fixed_ndcg(core, samples, indices: list[int], batch_size: int, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -135,12 +142,14 @@ def safe_improvement_gate(cfg: Config, run_dir: Path, model, ranker, encoder, pr
 
     k, batch = cfg.env.reward_k, cfg.env.n_envs
     calls_before = ranker.usage.total.calls
-    pick = _learner_pick(model, make_core(cfg, "train", ranker=ranker, encoder=encoder), batch)
+    picks = _learner_picks(model, make_core(cfg, "train", ranker=ranker, encoder=encoder), batch)
     core = make_core(cfg, "val", ranker=ranker, encoder=encoder)
     samples = core.samples[:cfg.train.gate_users] if cfg.train.gate_users else core.samples
     taskwise = [core.action_set.index(p, a.id) for p, a in core.builder.taskwise().items()]
     sizes = [int(n) for n in core.nvec]
-    bar = tqdm(total=2 + sum(n - 1 for n in sizes), unit="prompt", desc="gate: best fixed prompt",
+    starts = [taskwise, *(p for p in picks if p != taskwise)]
+    starts = [s for i, s in enumerate(starts) if s not in starts[:i]]
+    bar = tqdm(total=len(starts) + sum(n - 1 for n in sizes), unit="prompt", desc="gate: best fixed prompt",
                disable=not progress, leave=False)
     scored: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
 
@@ -149,7 +158,7 @@ def safe_improvement_gate(cfg: Config, run_dir: Path, model, ranker, encoder, pr
         values, failed = scored[tuple(combo)] = fixed_ndcg(core, samples, combo, batch, k)
         return np.where(failed, np.nan, values)
 
-    fixed, tried = coordinate_ascent([taskwise, pick], sizes, score)
+    fixed, tried = coordinate_ascent(starts, sizes, score)
     bar.close()
     reference, reference_failed = scored[tuple(fixed)]
     records = run_policy(model.policy, core, samples, steps=cfg.eval.steps, batch_size=batch)
@@ -175,7 +184,8 @@ def safe_improvement_gate(cfg: Config, run_dir: Path, model, ranker, encoder, pr
         "fixed_indices": [int(i) for i in fixed],
         "fixed_actions": {p: core.action_set.action(p, int(i)).id for p, i in zip(PATTERNS, fixed)},
         "fixed_prompts_tried": len(tried),
-        "learner_pick": {p: core.action_set.action(p, int(i)).id for p, i in zip(PATTERNS, pick)},
+        "learner_pick": {p: core.action_set.action(p, int(i)).id for p, i in zip(PATTERNS, picks[0])},
+        "starts": [{p: core.action_set.action(p, int(i)).id for p, i in zip(PATTERNS, s)} for s in starts],
         "split": "val",
         "n_users": int(len(samples)),
         "n_answered": int(answered.sum()),

@@ -11,7 +11,10 @@ A contextual bandit keeps every sample. This learner is one, inside the four act
   updates on every (user, action, reward) of the run. The intercept is the action's population effect; every other
   weight is a deviation shrunk toward 0 (a random effect per category or bin), so where a user's evidence is thin
   the head predicts the population's best action. Bins make it non-linear: it can carve a middle bucket of a
-  feature. Other agents' choices count as noise (the per-agent view every agent has of a shared reward).
+  feature. How wide each feature block's prior is, is chosen by empirical Bayes on all the run's samples (MacKay
+  1992's evidence, per block: automatic relevance determination), so the features that define no group stay
+  shrunk and do not add their noise to every user's prediction. Other agents' choices count as noise (the
+  per-agent view every agent has of a shared reward).
 - **Behaviour policy**: every rollout action is a Thompson draw (the share of posterior draws in which the action
   predicts the highest reward; Russo et al. 2018), so users whose evidence is thin are explored and users whose
   evidence is clear are not.
@@ -40,16 +43,26 @@ from rpp.config import PosteriorConfig
 
 
 class RewardPosterior:
-    """Bayesian linear reward models, one per (agent, action), over basis rows of width `dim`.
+    """Bayesian linear reward models, one per (agent, action), over basis rows whose columns fall in `blocks`
+    (UserBasis.blocks: the intercept column, then one block per feature).
 
-    Prior: weights ~ N(0, diag(prior_sd^2)) (per basis column, UserBasis.prior_sd); noise ~ N(0, noise_sd^2).
-    The samples are kept (not only sufficient statistics) so a checkpoint can hold them and refit exactly."""
+    Prior: intercept ~ N(0, intercept_sd^2); every other weight ~ N(0, s_b^2) with one s_b per block, chosen from
+    `block_sd` by empirical Bayes (type-II maximum likelihood: the marginal likelihood of all samples, summed over
+    the agents and actions, which share the scales; coordinate ascent over the blocks from the smallest value);
+    noise ~ N(0, noise_sd^2). The samples are kept (not only sufficient statistics) so a checkpoint can hold them and
+    refit exactly; the scales are a function of the samples and are refit with them."""
 
-    def __init__(self, nvec: list[int], prior_sd: np.ndarray, noise_sd: float, draws: int) -> None:
+    def __init__(self, nvec: list[int], blocks: list[int], intercept_sd: float, block_sd: list[float],
+                 noise_sd: float, draws: int) -> None:
         self.nvec = [int(n) for n in nvec]
-        self.prior_var = np.asarray(prior_sd, dtype=np.float64) ** 2
-        self.dim = len(self.prior_var)
+        self.blocks = [int(b) for b in blocks]
+        if self.blocks[:2] != [0, 1]:
+            raise ValueError("reward head: the basis must start with its intercept column (blocks 0, 1, ...)")
+        self.dim = self.blocks[-1]
+        self.intercept_sd, self.grid = float(intercept_sd), sorted(float(v) for v in block_sd)
         self.noise_sd, self.draws = float(noise_sd), int(draws)
+        self.scales = np.full(len(self.blocks) - 2, self.grid[0])
+        """The prior sd of each feature block's deviations (after the intercept), as last fit."""
         self.x = np.zeros((0, self.dim), dtype=np.float32)
         self.actions = np.zeros((0, len(self.nvec)), dtype=np.int64)
         self.rewards = np.zeros(0, dtype=np.float64)
@@ -69,11 +82,59 @@ class RewardPosterior:
         self.rewards = np.concatenate([self.rewards, rewards])
         self._posterior = None
 
+    def prior_var(self, scales: np.ndarray) -> np.ndarray:
+        """Per basis column, the prior variance of its weight under these block scales."""
+        sd = np.repeat(np.concatenate([[self.intercept_sd], scales]), np.diff(self.blocks))
+        return sd ** 2
+
+    def _stats(self) -> list[tuple[np.ndarray, np.ndarray, float, int]]:
+        """Per (agent, action) with samples: X'X, X'r, r'r and n."""
+        x = self.x.astype(np.float64)
+        out = []
+        for i, n in enumerate(self.nvec):
+            for a in range(n):
+                rows = self.actions[:, i] == a
+                if rows.any():
+                    xa, ra = x[rows], self.rewards[rows]
+                    out.append((xa.T @ xa, xa.T @ ra, float(ra @ ra), int(rows.sum())))
+        return out
+
+    def log_evidence(self, scales: np.ndarray, stats=None) -> float:
+        """log p(rewards | scales), summed over every (agent, action) model (Bishop 2006, eq. 3.86)."""
+        var, s2 = self.prior_var(scales), self.noise_sd ** 2
+        total = 0.0
+        for xtx, xtr, rtr, n in (self._stats() if stats is None else stats):
+            precision = np.diag(1.0 / var) + xtx / s2
+            chol = np.linalg.cholesky(precision)
+            mean = np.linalg.solve(precision, xtr / s2)
+            total -= 0.5 * (n * np.log(2 * np.pi * s2) + np.log(var).sum() + 2 * np.log(np.diag(chol)).sum()
+                            + rtr / s2 - mean @ precision @ mean)
+        return float(total)
+
+    def fit_scales(self) -> np.ndarray:
+        """Empirical Bayes over the block scales (class doc): two passes of coordinate ascent from the smallest."""
+        scales = np.full(len(self.blocks) - 2, self.grid[0])
+        if len(self):
+            stats = self._stats()
+            best = self.log_evidence(scales, stats)
+            for _ in range(2):
+                for b in range(len(scales)):
+                    for value in self.grid:
+                        if value == scales[b]:
+                            continue
+                        trial = scales.copy()
+                        trial[b] = value
+                        evidence = self.log_evidence(trial, stats)
+                        if evidence > best:
+                            best, scales = evidence, trial
+        return scales
+
     def posterior(self) -> list[list[tuple[np.ndarray, np.ndarray]]]:
         """[agent][action] -> (mean weights, lower Cholesky factor of the weight covariance)."""
         if self._posterior is None:
+            self.scales = self.fit_scales()
             x = self.x.astype(np.float64)
-            prior_precision = np.diag(1.0 / self.prior_var)
+            prior_precision = np.diag(1.0 / self.prior_var(self.scales))
             out = []
             for i, n in enumerate(self.nvec):
                 per_action = []
@@ -136,9 +197,8 @@ class ThompsonPPO(PPO):
             head.basis.fit(self._basis_rows)
             self._basis_rows = None
         c = self.posterior_config
-        self.reward_model = RewardPosterior(list(self.action_space.nvec),
-                                            head.basis.prior_sd(c["intercept_sd"], c["group_sd"], c["share_sd"]),
-                                            c["noise_sd"], c["draws"])
+        self.reward_model = RewardPosterior(list(self.action_space.nvec), list(head.basis.blocks),
+                                            c["intercept_sd"], c["block_sd"], c["noise_sd"], c["draws"])
         self.rng = np.random.default_rng([int(self.seed or 0), 0x7B5])
         self._failed = np.zeros((self.n_steps, self.n_envs), dtype=bool)
 
@@ -237,6 +297,8 @@ class ThompsonPPO(PPO):
         self.policy.head.set_means(self.reward_model.means())
         self.logger.record("train/failed_steps", int(len(keep) - keep.sum()))
         self.logger.record("train/head_samples", len(self.reward_model))
+        for b, scale in enumerate(self.reward_model.scales):
+            self.logger.record(f"train/head_block_sd_{b}", float(scale))
         self.logger.record("train/is_weight", float(is_weight[ok].mean()) if n_ok else float("nan"))
         for name, values in (("policy_gradient_loss", pg_losses), ("value_loss", value_losses),
                              ("entropy_loss", entropy_losses), ("approx_kl", kls), ("clip_fraction", clip_fractions)):
@@ -257,3 +319,14 @@ class ThompsonPPO(PPO):
             mean_basis = self.policy.head.basis(th.as_tensor(user_rows, dtype=th.float32, device=self.device)
                                                 ).cpu().numpy().mean(0)
         return [int(np.argmax(m @ mean_basis)) for m in self.reward_model.means()]
+
+    def best_seen(self, k: int, min_samples: int = 2) -> list[list[int]]:
+        """The k whole prompts (action indices of all agents together) with the highest mean reward among the run's
+        samples, of those tried at least `min_samples` times: candidates for the best fixed prompt that a
+        per-agent model cannot propose when agents only pay together (a joint effect)."""
+        combos, inverse = np.unique(self.reward_model.actions, axis=0, return_inverse=True)
+        counts = np.bincount(inverse.ravel(), minlength=len(combos))
+        means = np.bincount(inverse.ravel(), weights=self.reward_model.rewards, minlength=len(combos)) / \
+            np.maximum(counts, 1)
+        order = [int(i) for i in np.argsort(-means, kind="stable") if counts[i] >= min_samples]
+        return [[int(a) for a in combos[i]] for i in order[:k]]

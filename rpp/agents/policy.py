@@ -136,13 +136,6 @@ class UserBasis(nn.Module):
         parts.append(row[:, self.shares])
         return th.cat(parts, dim=-1)
 
-    def prior_sd(self, intercept: float, group: float, shares: float) -> np.ndarray:
-        """Per basis column: the prior standard deviation of its weight (intercept, categories and bins, shares)."""
-        sd = np.full(self.dim, group)
-        sd[0] = intercept
-        sd[self.blocks[-2]:] = shares
-        return sd
-
 
 class PosteriorHead(nn.Module):
     """Per agent, [n_actions, basis] posterior-mean weights of the Bayesian reward head (buffers, set by the

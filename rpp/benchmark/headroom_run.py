@@ -29,11 +29,12 @@ from rpp.prompts.actions import PATTERNS
 def training_cost(cfg: Config) -> int:
     """Ranker requests a training run with this config makes before caching: the environment steps, the
     pre-training ranker check and the safe-improvement gate (rpp.config.TrainConfig.gate_users)."""
+    from rpp.agents.gate import BEST_SEEN
     from rpp.prompts import load_action_set
 
     sizes = load_action_set(cfg.prompt.action_spaces).sizes()
     gate_users = cfg.train.gate_users if cfg.train.gate_users is not None else cfg.data.n_val_users
-    per_gate_user = 2 + sum(s - 1 for s in sizes) + (cfg.eval.steps or 1)
+    per_gate_user = 2 + BEST_SEEN + sum(s - 1 for s in sizes) + (cfg.eval.steps or 1)  # the gate's most
     return int(cfg.train.total_steps + cfg.train.check_users + gate_users * per_gate_user)
 
 
