@@ -235,8 +235,6 @@ def test_the_gate_searches_the_best_fixed_prompt_agent_by_agent():
 def test_the_best_whole_prompts_seen_in_training_are_gate_starts():
     """A joint effect (agents 0 and 1 pay only together) is invisible to per-agent means but not to whole prompts:
     best_seen ranks whole prompts by their mean reward, ignoring those tried fewer than min_samples times."""
-    from types import SimpleNamespace
-
     rng = np.random.default_rng(3)
     basis = UserBasis(LAYOUT, bins=3)
     actions = np.stack([rng.integers(0, n_a, 400) for n_a in NVEC], 1)
@@ -247,5 +245,5 @@ def test_the_best_whole_prompts_seen_in_training_are_gate_starts():
     rewards = np.concatenate([rewards, [5.0]])
     post = _posterior(basis)
     post.add(np.ones((len(actions), basis.dim)), actions, rewards)
-    seen = ThompsonPPO.best_seen(SimpleNamespace(reward_model=post), 3)
+    seen = post.best_seen(3)
     assert len(seen) == 3 and all(s[:2] == [2, 1] for s in seen)

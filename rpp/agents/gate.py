@@ -8,9 +8,9 @@ At the end of `rpp train`, on VALIDATION users (never test users; the first trai
    prompts with the best mean reward in training, which find prompts whose agents only pay together; for PPO
    alone, the combination its greedy policy gives most often on the training users), then for each agent in turn
    try every one of its actions with the others held and keep the best. That is up to 4 + sum(n_actions - 1)
-   fixed prompts, one request per user each. A fixed prompt picked from the learner's estimates alone can be far from the best one:
-   with several equally common user groups, which prompt is best for everybody depends on the groups' exact shares,
-   and on a null planted rule the head's pick served 5-10% below the best fixed prompt;
+   fixed prompts, one request per user each. A fixed prompt picked from the learner's estimates alone can be far
+   from the best one: with several equally common user groups, which prompt is best for everybody depends on the
+   groups' exact shares, and on a null planted rule the head's pick served 5-10% below the best fixed prompt;
 2. the policy is ranked for every validation user greedily over eval.steps steps; users where its request or the
    reference's failed are dropped and counted;
 3. the paired differences d = NDCG(policy) - NDCG(fixed) give a one-sided (1 - train.gate_alpha) lower confidence
@@ -80,7 +80,7 @@ def _learner_picks(model, train_core, batch_size: int) -> list[list[int]]:
 
     if isinstance(model, ThompsonPPO):
         rows = np.stack([train_core.user_rows(s)[0] for s in train_core.samples])
-        return [model.population_best(rows), *model.best_seen(BEST_SEEN)]
+        return [model.population_best(rows), *model.reward_model.best_seen(BEST_SEEN)]
     counts: Counter = Counter()
     for start in range(0, len(train_core.samples), batch_size):
         _, obs = train_core.reset(train_core.samples[start:start + batch_size])
@@ -147,8 +147,7 @@ def safe_improvement_gate(cfg: Config, run_dir: Path, model, ranker, encoder, pr
     samples = core.samples[:cfg.train.gate_users] if cfg.train.gate_users else core.samples
     taskwise = [core.action_set.index(p, a.id) for p, a in core.builder.taskwise().items()]
     sizes = [int(n) for n in core.nvec]
-    starts = [taskwise, *(p for p in picks if p != taskwise)]
-    starts = [s for i, s in enumerate(starts) if s not in starts[:i]]
+    starts = [list(s) for s in dict.fromkeys(tuple(s) for s in [taskwise, *picks])]  # distinct, in order
     bar = tqdm(total=len(starts) + sum(n - 1 for n in sizes), unit="prompt", desc="gate: best fixed prompt",
                disable=not progress, leave=False)
     scored: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}

@@ -87,35 +87,36 @@ class RewardPosterior:
         sd = np.repeat(np.concatenate([[self.intercept_sd], scales]), np.diff(self.blocks))
         return sd ** 2
 
-    def _stats(self) -> list[tuple[np.ndarray, np.ndarray, float, int]]:
-        """Per (agent, action) with samples: X'X, X'r, r'r and n."""
+    def _stats(self) -> list[list[tuple[np.ndarray, np.ndarray, float, int]]]:
+        """[agent][action] -> the sufficient statistics X'X, X'r, r'r and n of that action's samples."""
         x = self.x.astype(np.float64)
         out = []
         for i, n in enumerate(self.nvec):
+            per_action = []
             for a in range(n):
                 rows = self.actions[:, i] == a
-                if rows.any():
-                    xa, ra = x[rows], self.rewards[rows]
-                    out.append((xa.T @ xa, xa.T @ ra, float(ra @ ra), int(rows.sum())))
+                xa, ra = x[rows], self.rewards[rows]
+                per_action.append((xa.T @ xa, xa.T @ ra, float(ra @ ra), int(rows.sum())))
+            out.append(per_action)
         return out
 
     def log_evidence(self, scales: np.ndarray, stats=None) -> float:
         """log p(rewards | scales), summed over every (agent, action) model (Bishop 2006, eq. 3.86)."""
         var, s2 = self.prior_var(scales), self.noise_sd ** 2
         total = 0.0
-        for xtx, xtr, rtr, n in (self._stats() if stats is None else stats):
-            precision = np.diag(1.0 / var) + xtx / s2
-            chol = np.linalg.cholesky(precision)
-            mean = np.linalg.solve(precision, xtr / s2)
-            total -= 0.5 * (n * np.log(2 * np.pi * s2) + np.log(var).sum() + 2 * np.log(np.diag(chol)).sum()
-                            + rtr / s2 - mean @ precision @ mean)
+        for per_action in (self._stats() if stats is None else stats):
+            for xtx, xtr, rtr, n in per_action:
+                precision = np.diag(1.0 / var) + xtx / s2
+                chol = np.linalg.cholesky(precision)
+                mean = np.linalg.solve(precision, xtr / s2)
+                total -= 0.5 * (n * np.log(2 * np.pi * s2) + np.log(var).sum() + 2 * np.log(np.diag(chol)).sum()
+                                + rtr / s2 - mean @ precision @ mean)
         return float(total)
 
-    def fit_scales(self) -> np.ndarray:
+    def fit_scales(self, stats) -> np.ndarray:
         """Empirical Bayes over the block scales (class doc): two passes of coordinate ascent from the smallest."""
         scales = np.full(len(self.blocks) - 2, self.grid[0])
         if len(self):
-            stats = self._stats()
             best = self.log_evidence(scales, stats)
             for _ in range(2):
                 for b in range(len(scales)):
@@ -132,21 +133,29 @@ class RewardPosterior:
     def posterior(self) -> list[list[tuple[np.ndarray, np.ndarray]]]:
         """[agent][action] -> (mean weights, lower Cholesky factor of the weight covariance)."""
         if self._posterior is None:
-            self.scales = self.fit_scales()
-            x = self.x.astype(np.float64)
-            prior_precision = np.diag(1.0 / self.prior_var(self.scales))
+            stats = self._stats()
+            self.scales = self.fit_scales(stats)
+            prior_precision, s2 = np.diag(1.0 / self.prior_var(self.scales)), self.noise_sd ** 2
             out = []
-            for i, n in enumerate(self.nvec):
-                per_action = []
-                for a in range(n):
-                    rows = self.actions[:, i] == a
-                    xa, ra = x[rows], self.rewards[rows]
-                    cov = np.linalg.inv(prior_precision + xa.T @ xa / self.noise_sd ** 2)
+            for per_action in stats:
+                row = []
+                for xtx, xtr, _, _ in per_action:
+                    cov = np.linalg.inv(prior_precision + xtx / s2)
                     cov = (cov + cov.T) / 2
-                    per_action.append((cov @ (xa.T @ ra) / self.noise_sd ** 2, np.linalg.cholesky(cov)))
-                out.append(per_action)
+                    row.append((cov @ xtr / s2, np.linalg.cholesky(cov)))
+                out.append(row)
             self._posterior = out
         return self._posterior
+
+    def best_seen(self, k: int, min_samples: int = 2) -> list[list[int]]:
+        """The k whole prompts (action indices of all agents together) with the highest mean reward among the
+        samples, of those tried at least `min_samples` times: candidates for the best fixed prompt that the
+        per-agent models cannot propose when agents only pay together (a joint effect)."""
+        combos, inverse = np.unique(self.actions, axis=0, return_inverse=True)
+        counts = np.bincount(inverse.ravel(), minlength=len(combos))
+        means = np.bincount(inverse.ravel(), weights=self.rewards, minlength=len(combos)) / np.maximum(counts, 1)
+        order = [int(i) for i in np.argsort(-means, kind="stable") if counts[i] >= min_samples]
+        return [[int(a) for a in combos[i]] for i in order[:k]]
 
     def means(self) -> list[np.ndarray]:
         """Per agent, [n_actions, dim] posterior-mean weights."""
@@ -319,14 +328,3 @@ class ThompsonPPO(PPO):
             mean_basis = self.policy.head.basis(th.as_tensor(user_rows, dtype=th.float32, device=self.device)
                                                 ).cpu().numpy().mean(0)
         return [int(np.argmax(m @ mean_basis)) for m in self.reward_model.means()]
-
-    def best_seen(self, k: int, min_samples: int = 2) -> list[list[int]]:
-        """The k whole prompts (action indices of all agents together) with the highest mean reward among the run's
-        samples, of those tried at least `min_samples` times: candidates for the best fixed prompt that a
-        per-agent model cannot propose when agents only pay together (a joint effect)."""
-        combos, inverse = np.unique(self.reward_model.actions, axis=0, return_inverse=True)
-        counts = np.bincount(inverse.ravel(), minlength=len(combos))
-        means = np.bincount(inverse.ravel(), weights=self.reward_model.rewards, minlength=len(combos)) / \
-            np.maximum(counts, 1)
-        order = [int(i) for i in np.argsort(-means, kind="stable") if counts[i] >= min_samples]
-        return [[int(a) for a in combos[i]] for i in order[:k]]
