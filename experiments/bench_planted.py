@@ -186,10 +186,11 @@ lower bound of (policy - fixed) NDCG@10 on the validation users. The bar: median
 learnable rules, harm <= 0.02 on every null rule."""
 
 
-EARLIER = """## Earlier learners (frozen rows; their code and raw records are in git: commits 033f33a and e9bae27)
+EARLIER = """## Earlier learners (frozen rows; their code and raw records are in git: commits 9f08aa6, 033f33a and e9bae27)
 
 | learner | genre rules, history + reasoning (768 steps, 300 test users) | other rules |
 |---|---|---|
+| thompson with a PER-AGENT head (no pairwise interactions: each agent's model counted the others' choices as noise; block scales by empirical Bayes shared by all agents; 9f08aa6) | 2 groups seeds 0-2: 1.000 / 0.613 (served fixed, gate bound -0.013) / 1.000; 4 groups seeds 0-2: 0.983 / 0.890 / 0.983: 4 of 6 pass | family seed 20261206, 20 rules (11 learnable, 2 null): median H 0.75, min H -0.13, max null harm 0.055: every additive rule served the policy (H 0.62-1.08); both joint learnable rules were served a fixed prompt (H -0.13, -0.01); a joint null rule over three agents served a fixed prompt 5.5% below the reference |
 | thompson with ONE fixed prior scale for every feature block (group_sd 0.3, share_sd 0.03, noise_sd 0.3; e9bae27) | - | family seed 20261205, 20 rules (9 learnable, 8 null): median H 0.74, min H -0.61, max null harm 0.481: every single-agent rule served the policy (H 0.74-0.97), every rule over 2-3 agents was missed (H -0.61 to 0.49); a joint null rule over three agents served a fixed prompt 48% below the reference. The block scales by empirical Bayes and the gate's whole-prompt starts were developed on five of these rules (2, 3, 4, 5, 8), so seed 20261205 is no longer a held-out family |
 | PPO alone (gamma 0.9, lr 3e-4; the config default until 033f33a) | 2 groups: majority group only, 0.63-0.73 of users optimal | - |
 | evidence pooling, `wide_genre` (ml100k.yaml until 033f33a): per-agent linear evidence model, rollouts drawn from it, actors distilled from it | 2 groups seeds 0-2: 0.980 / 0.987 / 0.993; 4 groups seeds 0-2: 0.980 / 0.973 / 0.987; 4 groups seeds 0-11: 9 of 12 pass, mean 0.959 | 3 groups by a numeric feature on two other agents: 0.35 / 0.46 / 0.31 of users optimal, H 0.12 / 0.33 / 0.21; null rule: 39-46 distinct prompts, 13% and 11% below the best fixed prompt |

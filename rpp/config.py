@@ -211,12 +211,13 @@ class EnvConfig(_Section):
 
 
 class PosteriorConfig(_Section):
-    """The learner's Bayesian reward head (rpp.agents.learner): per agent and action, a Bayesian linear model of the
-    step reward on a fixed non-linear basis of the user row (one-hots of the categorical features, quantile bins of
-    the numeric ones, the genre shares as they are). The intercept is the action's effect on the whole population;
-    every other weight is a user-dependent deviation shrunk toward 0, so where a user's evidence is thin the head
-    predicts the population's best action. How far each feature may pull a user away from the population is
-    estimated from the run's own samples (block_sd)."""
+    """The learner's Bayesian reward head (rpp.agents.learner): an additive model of the step reward with a main
+    effect per (agent, action) and an interaction per (agent pair, action pair), each a Bayesian linear model on a
+    fixed non-linear basis of the user row (one-hots of the categorical features, quantile bins of the numeric ones,
+    the genre shares as they are), fit jointly by backfitting. The intercepts are population effects; every other
+    weight is a user-dependent deviation shrunk toward 0, so where a user's evidence is thin the head predicts the
+    population's best prompt. How far each feature may pull a user away from the population, and how much each
+    pair of agents interacts, is estimated from the run's own samples (block_sd)."""
 
     bins: int = Field(6, ge=2, le=32)
     """Quantile bins per numeric user feature (history length, rating mean, spread, share of high ratings); edges
@@ -225,16 +226,17 @@ class PosteriorConfig(_Section):
     intercept_sd: float = Field(0.3, gt=0)
     """Prior standard deviation of each action's population effect (rewards are NDCG differences)."""
     block_sd: list[PositiveFloat] = Field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3], min_length=1)
-    """Candidate prior standard deviations of the user-dependent deviations, one chosen per block of the basis (each
-    categorical feature, each numeric feature's bins, the genre shares) by empirical Bayes: the value that maximizes
-    the marginal likelihood of all the run's samples, summed over agents and actions. Every block starts at the
-    smallest and earns a wider prior from the evidence, so features that do not matter stay shrunk to the
-    population and the one that defines the users' groups is let through (automatic relevance determination)."""
+    """Candidate prior standard deviations of the user-dependent deviations (and of the interactions' population
+    effects), one chosen per agent (or pair of agents) and block of the basis (each categorical feature, each
+    numeric feature's bins, the genre shares) by empirical Bayes: the value that maximizes the marginal likelihood
+    of the run's samples. Every block starts at the smallest and earns a wider prior from the evidence, so features
+    that do not matter, and pairs of agents that do not interact, stay shrunk (automatic relevance determination)."""
     noise_sd: float = Field(0.2, gt=0)
-    """Assumed standard deviation of a step reward around the model. The per-agent head counts the other agents'
-    choices as noise; a smaller value lets one unlucky sample rule a category's best action out for good."""
+    """Assumed standard deviation of a step reward around the model; a smaller value lets one unlucky sample rule a
+    category's best action out for good."""
     draws: int = Field(64, ge=1)
-    """Posterior draws per observation for the Thompson choice probabilities (the behaviour policy)."""
+    """Posterior draws per observation: the rollout prompt is the best one under one of them, and its behaviour
+    probability (for the off-policy correction) the share of draws that pick it."""
 
 
 class TrainConfig(_Section):

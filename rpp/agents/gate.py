@@ -3,9 +3,9 @@ confidence; otherwise it serves that fixed prompt.
 
 At the end of `rpp train`, on VALIDATION users (never test users; the first train.gate_users of them):
 1. the reference, the best fixed prompt on those users, found by one pass of coordinate ascent: start from the
-   best of the task-wise prompt and the learner's own picks (for the thompson learner, per agent the action whose
-   posterior-mean reward over the TRAINING users is highest, ThompsonPPO.population_best, and the BEST_SEEN whole
-   prompts with the best mean reward in training, which find prompts whose agents only pay together; for PPO
+   best of the task-wise prompt and the learner's own picks (for the thompson learner, the whole prompt whose
+   posterior-mean reward, main effects plus pairwise interactions, averaged over the TRAINING users is highest,
+   ThompsonPPO.population_best, and the BEST_SEEN whole prompts with the best mean reward in training; for PPO
    alone, the combination its greedy policy gives most often on the training users), then for each agent in turn
    try every one of its actions with the others held and keep the best. That is up to 4 + sum(n_actions - 1)
    fixed prompts, one request per user each. A fixed prompt picked from the learner's estimates alone can be far

@@ -5,20 +5,21 @@ Why not PPO alone: PPO is on-policy, each sample feeds one clipped update and is
 a small group of users never accumulates; on the planted check it served the majority group and missed the rest.
 A contextual bandit keeps every sample. This learner is one, inside the four actor-critic agents:
 
-- **Reward head** (``RewardPosterior``; the policy's ``PosteriorHead``): per agent and action, a Bayesian linear
-  regression of the step reward on a fixed non-linear basis of the user row (rpp.agents.policy.UserBasis: one-hots of
-  the dominant genres, quantile bins of history length and rating statistics, the genre shares), fit by conjugate
-  updates on every (user, action, reward) of the run. The intercept is the action's population effect; every other
-  weight is a deviation shrunk toward 0 (a random effect per category or bin), so where a user's evidence is thin
-  the head predicts the population's best action. Bins make it non-linear: it can carve a middle bucket of a
-  feature. How wide each feature block's prior is, is chosen by empirical Bayes on all the run's samples (MacKay
-  1992's evidence, per block: automatic relevance determination), so the features that define no group stay
-  shrunk and do not add their noise to every user's prediction. Other agents' choices count as noise (the
-  per-agent view every agent has of a shared reward).
-- **Behaviour policy**: every rollout action is a Thompson draw (the share of posterior draws in which the action
-  predicts the highest reward; Russo et al. 2018), so users whose evidence is thin are explored and users whose
-  evidence is clear are not.
-- **Served policy**: each agent's logits are the head's posterior mean / PRIOR_TEMPERATURE plus its neural actor
+- **Reward head** (``RewardPosterior``; the policy's ``PosteriorHead``): Bayesian linear regressions of the step
+  reward on a fixed non-linear basis of the user row (rpp.agents.policy.UserBasis: one-hots of the dominant
+  genres, quantile bins of history length and rating statistics, the genre shares), fit by conjugate updates on
+  every (user, prompt, reward) of the run, in two layers: a main effect per (agent, action), and an interaction per
+  (agent pair, action pair) fit on what the main effects leave (GA2M's stage-wise pairwise terms; Lou et al. 2013),
+  so that agents that only pay together (a joint rule) are seen. The intercepts are population effects; every
+  other weight is a deviation shrunk toward 0 (a random effect per category or bin), so where a user's evidence is
+  thin the head predicts the population's best prompt. Bins make it non-linear: it can carve a middle bucket of a
+  feature. How wide each block's prior is (each feature's, and the interactions'), is chosen by empirical Bayes
+  on all the run's samples (MacKay 1992's evidence, per block: automatic relevance determination), so the features
+  that define no group, and the interactions where no pair of agents interacts, stay shrunk and add no noise.
+- **Behaviour policy**: every rollout prompt is a Thompson draw (the best whole prompt under one posterior sample;
+  Russo et al. 2018), so users whose evidence is thin are explored and users whose evidence is clear are not.
+- **Served policy**: each agent's logits are the head's posterior-mean max-marginal (the best predicted reward of
+  a whole prompt with that action) / PRIOR_TEMPERATURE plus its neural actor
   (BERT state row, GRU over the ranking, user MLP; rpp.agents.policy). Greedy serving follows the head wherever
   it sees a difference; the residual can only add what the head cannot express.
 - **Residual update**: decoupled PPO (Hilton et al. 2022, "Batch size-invariance for policy optimization"): the
@@ -39,22 +40,37 @@ import torch as th
 from stable_baselines3 import PPO
 from stable_baselines3.common.utils import explained_variance
 
+from rpp.agents.policy import agent_pairs, joint_scores
 from rpp.config import PosteriorConfig
 
 
 class RewardPosterior:
-    """Bayesian linear reward models, one per (agent, action), over basis rows whose columns fall in `blocks`
-    (UserBasis.blocks: the intercept column, then one block per feature).
+    """Bayesian linear reward models over basis rows whose columns fall in `blocks` (UserBasis.blocks: the intercept
+    column, then one block per feature), the terms of a second-order additive model of the step reward:
 
-    Prior: intercept ~ N(0, intercept_sd^2); every other weight ~ N(0, s_b^2) with one s_b per block, chosen from
-    `block_sd` by empirical Bayes (type-II maximum likelihood: the marginal likelihood of all samples, summed over
-    the agents and actions, which share the scales; coordinate ascent over the blocks from the smallest value);
-    noise ~ N(0, noise_sd^2). The samples are kept (not only sufficient statistics) so a checkpoint can hold them and
-    refit exactly; the scales are a function of the samples and are refit with them."""
+    - **main effects**, one model per (agent, action);
+    - **pairwise interactions**, one model per (agent pair, action pair): a pair of agents that only pays together
+      (a joint effect) shows up here; a per-agent model sees it only in proportion to how often the partner
+      happens to be right.
+
+    The terms are fit jointly by backfitting (each model group refit on the partial residual that all the others
+    leave, SWEEPS times; Hastie & Tibshirani 1990), as GA2M fits pairwise terms beside main effects (Lou et al.,
+    KDD 2013). Covariances are each group's given the others (the block-diagonal approximation of the joint
+    posterior).
+
+    Prior: a main effect's intercept ~ N(0, intercept_sd^2); every other weight ~ N(0, s_b^2) with one s_b per model
+    group (an agent's main effects, a pair's interactions) and block (for the interactions, their intercept block
+    too), chosen from `block_sd` by empirical Bayes (type-II maximum likelihood: the marginal likelihood of the
+    group's partial residual, summed over its models; coordinate ascent over the blocks from the smallest value),
+    between ROUNDS of backfitting. So a feature, or a pair of agents, earns a wide prior only when the evidence asks
+    for it: where no pair interacts, the interactions stay shrunk to 0 and the head is the per-agent one.
+    Noise ~ N(0, noise_sd^2). The samples are kept (not only sufficient statistics) so a checkpoint can hold them
+    and refit exactly; the scales are a function of the samples and are refit with them."""
 
     def __init__(self, nvec: list[int], blocks: list[int], intercept_sd: float, block_sd: list[float],
                  noise_sd: float, draws: int) -> None:
         self.nvec = [int(n) for n in nvec]
+        self.pairs = agent_pairs(len(self.nvec))
         self.blocks = [int(b) for b in blocks]
         if self.blocks[:2] != [0, 1]:
             raise ValueError("reward head: the basis must start with its intercept column (blocks 0, 1, ...)")
@@ -62,11 +78,13 @@ class RewardPosterior:
         self.intercept_sd, self.grid = float(intercept_sd), sorted(float(v) for v in block_sd)
         self.noise_sd, self.draws = float(noise_sd), int(draws)
         self.scales = np.full(len(self.blocks) - 2, self.grid[0])
-        """The prior sd of each feature block's deviations (after the intercept), as last fit."""
+        """The prior sd of each feature block of the main effects (after the intercept), as last fit."""
+        self.pair_scales = np.full(len(self.blocks) - 1, self.grid[0])
+        """The prior sd of each block of the interactions (intercept included), as last fit."""
         self.x = np.zeros((0, self.dim), dtype=np.float32)
         self.actions = np.zeros((0, len(self.nvec)), dtype=np.int64)
         self.rewards = np.zeros(0, dtype=np.float64)
-        self._posterior: Optional[list[list[tuple[np.ndarray, np.ndarray]]]] = None
+        self._posterior: Optional[dict[str, list[list[tuple[np.ndarray, np.ndarray]]]]] = None
 
     def __len__(self) -> int:
         return len(self.rewards)
@@ -82,69 +100,106 @@ class RewardPosterior:
         self.rewards = np.concatenate([self.rewards, rewards])
         self._posterior = None
 
-    def prior_var(self, scales: np.ndarray) -> np.ndarray:
-        """Per basis column, the prior variance of its weight under these block scales."""
-        sd = np.repeat(np.concatenate([[self.intercept_sd], scales]), np.diff(self.blocks))
-        return sd ** 2
+    def prior_var(self, block_sds: np.ndarray) -> np.ndarray:
+        """Per basis column, the prior variance of its weight, from one sd per block (intercept first)."""
+        return np.repeat(np.asarray(block_sds, dtype=float), np.diff(self.blocks)) ** 2
 
-    def _stats(self) -> list[list[tuple[np.ndarray, np.ndarray, float, int]]]:
-        """[agent][action] -> the sufficient statistics X'X, X'r, r'r and n of that action's samples."""
+    def _arms(self) -> list[tuple[np.ndarray, int]]:
+        """Per model group (each agent, then each pair), the arm of every sample and the number of arms."""
+        out = [(self.actions[:, i], n) for i, n in enumerate(self.nvec)]
+        return out + [(self.actions[:, i] * self.nvec[j] + self.actions[:, j], self.nvec[i] * self.nvec[j])
+                      for i, j in self.pairs]
+
+    def _stats(self, arms: np.ndarray, n_arms: int, targets: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Per arm (one model) with samples (arms[k]: the model sample k belongs to), the sufficient statistics
+        X'X [m, dim, dim], X'r [m, dim], r'r [m] and n [m]. An arm without samples has evidence 1 and is left out."""
         x = self.x.astype(np.float64)
-        out = []
-        for i, n in enumerate(self.nvec):
-            per_action = []
-            for a in range(n):
-                rows = self.actions[:, i] == a
-                xa, ra = x[rows], self.rewards[rows]
-                per_action.append((xa.T @ xa, xa.T @ ra, float(ra @ ra), int(rows.sum())))
-            out.append(per_action)
-        return out
+        used = [a for a in range(n_arms) if (arms == a).any()]
+        xtx = np.stack([x[arms == a].T @ x[arms == a] for a in used]) if used else np.zeros((0, self.dim, self.dim))
+        onehot = (arms[:, None] == np.asarray(used)[None]).astype(np.float64)  # [n, m]
+        return xtx, (onehot * targets[:, None]).T @ x, onehot.T @ targets ** 2, onehot.sum(0)
 
-    def log_evidence(self, scales: np.ndarray, stats=None) -> float:
-        """log p(rewards | scales), summed over every (agent, action) model (Bishop 2006, eq. 3.86)."""
-        var, s2 = self.prior_var(scales), self.noise_sd ** 2
-        total = 0.0
-        for per_action in (self._stats() if stats is None else stats):
-            for xtx, xtr, rtr, n in per_action:
-                precision = np.diag(1.0 / var) + xtx / s2
-                chol = np.linalg.cholesky(precision)
-                mean = np.linalg.solve(precision, xtr / s2)
-                total -= 0.5 * (n * np.log(2 * np.pi * s2) + np.log(var).sum() + 2 * np.log(np.diag(chol)).sum()
-                                + rtr / s2 - mean @ precision @ mean)
-        return float(total)
+    def log_evidence(self, block_sds: np.ndarray, stats: tuple[np.ndarray, ...]) -> float:
+        """log p(targets | block sds), summed over the models whose statistics are given (Bishop 2006, eq. 3.86;
+        the quadratic term m'Pm = b'P^-1 b = |L^-1 b|^2 with P = LL', b = X'r / noise^2)."""
+        xtx, xtr, rtr, n = (th.as_tensor(v, dtype=th.float64) for v in stats)
+        var, s2 = th.as_tensor(self.prior_var(block_sds)), self.noise_sd ** 2
+        chol = th.linalg.cholesky(th.diag(1.0 / var)[None] + xtx / s2)
+        z = th.linalg.solve_triangular(chol, (xtr / s2)[..., None], upper=False)[..., 0]
+        logdet = 2 * th.log(th.diagonal(chol, dim1=1, dim2=2)).sum(1)
+        return float(-0.5 * (n * np.log(2 * np.pi * s2) + th.log(var).sum() + logdet + rtr / s2
+                             - (z * z).sum(1)).sum())
 
-    def fit_scales(self, stats) -> np.ndarray:
-        """Empirical Bayes over the block scales (class doc): two passes of coordinate ascent from the smallest."""
-        scales = np.full(len(self.blocks) - 2, self.grid[0])
-        if len(self):
-            best = self.log_evidence(scales, stats)
-            for _ in range(2):
+    def fit_scales(self, stats: tuple[np.ndarray, ...], fixed: tuple[float, ...], start: np.ndarray,
+                   passes: int) -> np.ndarray:
+        """Empirical Bayes over the block sds after the `fixed` ones (class doc): `passes` of coordinate ascent over
+        the grid from `start`. Returns the free sds."""
+        scales = np.array(start, dtype=float)
+        if len(stats[-1]):
+            best = self.log_evidence(np.concatenate([fixed, scales]), stats)
+            for _ in range(passes):
                 for b in range(len(scales)):
                     for value in self.grid:
                         if value == scales[b]:
                             continue
                         trial = scales.copy()
                         trial[b] = value
-                        evidence = self.log_evidence(trial, stats)
+                        evidence = self.log_evidence(np.concatenate([fixed, trial]), stats)
                         if evidence > best:
                             best, scales = evidence, trial
         return scales
 
-    def posterior(self) -> list[list[tuple[np.ndarray, np.ndarray]]]:
-        """[agent][action] -> (mean weights, lower Cholesky factor of the weight covariance)."""
+    SWEEPS = 20
+    """Backfitting sweeps (each model group refit on what all the others leave)."""
+    ROUNDS = 2
+    """Rounds of (backfit, then refit each model group's block sds on its partial residual) per fit."""
+
+    def _backfit(self, sds: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+        """The joint posterior mean of the additive model under these block sds (one per model group), by
+        backfitting (Gauss-Seidel over the model groups: Hastie & Tibshirani 1990): returns per group the
+        [n_arms, dim] means and [n_arms, dim, dim] covariances given the rest, and the [n, groups] fitted values."""
+        x, s2 = self.x.astype(np.float64), self.noise_sd ** 2
+        arms = self._arms()
+        onehots = [np.eye(n)[a] for a, n in arms]
+        xtx = [np.stack([x[a == k].T @ x[a == k] for k in range(n)]) for a, n in arms]
+        covs = []
+        for g, block_sds in enumerate(sds):
+            cov = np.linalg.inv(np.diag(1.0 / self.prior_var(block_sds))[None] + xtx[g] / s2)
+            covs.append((cov + cov.transpose(0, 2, 1)) / 2)
+        fitted = np.zeros((len(self), len(arms)))
+        means = [np.zeros((n, self.dim)) for _, n in arms]
+        for _ in range(self.SWEEPS):
+            for g, (a, _) in enumerate(arms):
+                partial = self.rewards - fitted.sum(1) + fitted[:, g]
+                means[g] = np.einsum("ade,ae->ad", covs[g], (onehots[g] * partial[:, None]).T @ x / s2)
+                fitted[:, g] = np.einsum("kd,kd->k", x, means[g][a])
+        return means, covs, fitted
+
+    def posterior(self) -> dict[str, list[list[tuple[np.ndarray, np.ndarray]]]]:
+        """{"main": [agent][action], "pair": [pair][action pair (row-major)]} -> (mean weights, lower Cholesky
+        factor of the weight covariance given the other models). The block sds are refit by empirical Bayes on each
+        model group's partial residual between rounds of backfitting, then the model is backfit under them."""
         if self._posterior is None:
-            stats = self._stats()
-            self.scales = self.fit_scales(stats)
-            prior_precision, s2 = np.diag(1.0 / self.prior_var(self.scales)), self.noise_sd ** 2
-            out = []
-            for per_action in stats:
-                row = []
-                for xtx, xtr, _, _ in per_action:
-                    cov = np.linalg.inv(prior_precision + xtx / s2)
-                    cov = (cov + cov.T) / 2
-                    row.append((cov @ xtr / s2, np.linalg.cholesky(cov)))
-                out.append(row)
-            self._posterior = out
+            n_main, arms = len(self.nvec), self._arms()
+
+            def sds() -> list[np.ndarray]:
+                return [np.r_[self.intercept_sd, s] for s in self.scales] + list(self.pair_scales)
+
+            self.scales = np.full((n_main, len(self.blocks) - 2), self.grid[0])
+            self.pair_scales = np.full((len(self.pairs), len(self.blocks) - 1), self.grid[0])
+            for r in range(self.ROUNDS if len(self) else 0):
+                _, _, fitted = self._backfit(sds())
+                passes = 2 if r == 0 else 1  # later rounds start from the last round's sds
+                for g in range(len(arms)):
+                    stats = self._stats(*arms[g], self.rewards - fitted.sum(1) + fitted[:, g])
+                    if g < n_main:
+                        self.scales[g] = self.fit_scales(stats, (self.intercept_sd,), self.scales[g], passes)
+                    else:
+                        k = g - n_main
+                        self.pair_scales[k] = self.fit_scales(stats, (), self.pair_scales[k], passes)
+            means, covs, _ = self._backfit(sds())
+            models = [[(m, np.linalg.cholesky(c)) for m, c in zip(means[g], covs[g])] for g in range(len(arms))]
+            self._posterior = {"main": models[:n_main], "pair": models[n_main:]}
         return self._posterior
 
     def best_seen(self, k: int, min_samples: int = 2) -> list[list[int]]:
@@ -157,21 +212,38 @@ class RewardPosterior:
         order = [int(i) for i in np.argsort(-means, kind="stable") if counts[i] >= min_samples]
         return [[int(a) for a in combos[i]] for i in order[:k]]
 
-    def means(self) -> list[np.ndarray]:
-        """Per agent, [n_actions, dim] posterior-mean weights."""
-        return [np.stack([mean for mean, _ in per_action]) for per_action in self.posterior()]
+    def means(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Posterior-mean weights: per agent [n_actions, dim], and per pair [n_i * n_j, dim]."""
+        post = self.posterior()
+        return ([np.stack([mean for mean, _ in per]) for per in post["main"]],
+                [np.stack([mean for mean, _ in per]) for per in post["pair"]])
 
-    def choice_probs(self, x: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
-        """Per agent, [N, n_actions]: the share of posterior draws in which each action predicts the highest reward
-        for each basis row (Thompson sampling's choice probabilities)."""
+    def scores(self, x: np.ndarray, draws: int = 0, rng: np.random.Generator | None = None) -> th.Tensor:
+        """Predicted reward of every whole prompt for each basis row: [N, n_0, ..., n_last] under the posterior
+        mean (draws 0), or [N, draws, n_0, ...] under `draws` posterior samples."""
         x = np.asarray(x, dtype=np.float64).reshape(-1, self.dim)
-        out = []
-        for per_action in self.posterior():
-            scores = np.stack([x @ (mean[None, :] + rng.standard_normal((self.draws, self.dim)) @ chol.T).T
-                               for mean, chol in per_action], axis=-1)  # [N, draws, n_actions]
-            best = scores.argmax(-1)
-            out.append(np.stack([(best == a).mean(1) for a in range(len(per_action))], -1).astype(np.float32))
-        return out
+        post = self.posterior()
+
+        def layer(models):
+            out = []
+            for mean, chol in models:
+                value = x @ mean  # [N]
+                if draws:  # x . (mean + chol z) = x . mean + (chol' x) . z
+                    value = value[:, None] + (x @ chol) @ rng.standard_normal((self.dim, draws))
+                out.append(value)
+            return th.as_tensor(np.stack(out, -1))
+
+        return joint_scores([layer(m) for m in post["main"]], [layer(p) for p in post["pair"]], self.nvec)
+
+    def thompson(self, x: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Whole prompts drawn by Thompson sampling for each basis row: (actions [N, n_agents], their probability
+        [N]). Each row takes the best prompt under one of `draws` posterior samples; its probability is the share
+        of the samples whose best prompt it is (Thompson sampling's choice probability)."""
+        total = self.scores(x, self.draws, rng)  # [N, draws, ...]
+        flat = total.reshape(*total.shape[:2], -1).argmax(-1).numpy()  # [N, draws] best prompt per sample
+        pick = flat[np.arange(len(flat)), rng.integers(0, self.draws, len(flat))]
+        prob = (flat == pick[:, None]).mean(1)
+        return np.stack(np.unravel_index(pick, self.nvec), -1), prob
 
     def state(self) -> dict[str, Any]:
         return {"x": self.x, "actions": self.actions, "rewards": self.rewards}
@@ -221,7 +293,7 @@ class ThompsonPPO(PPO):
     def load_learner_state(self, state: dict[str, Any]) -> None:
         self.reward_model.load_state(state["samples"])
         self.rng.bit_generator.state = state["rng"]
-        self.policy.head.set_means(self.reward_model.means())
+        self.policy.head.set_means(*self.reward_model.means())
 
     # ------------------------------------------------------------------ rollouts: Thompson draws
 
@@ -232,8 +304,10 @@ class ThompsonPPO(PPO):
             return self.policy.head.basis(obs_t.reshape(len(obs_t), *self.observation_space.shape)[:, self.USER_ROW]
                                           ).cpu().numpy()
 
-    def _behavior(self, obs: th.Tensor) -> list[th.Tensor]:
-        return [th.as_tensor(p, device=obs.device) for p in self.reward_model.choice_probs(self.basis(obs), self.rng)]
+    def _behavior(self, obs: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
+        actions, prob = self.reward_model.thompson(self.basis(obs), self.rng)
+        return th.as_tensor(actions, device=obs.device), th.as_tensor(np.log(prob), dtype=th.float32,
+                                                                      device=obs.device)
 
     def collect_rollouts(self, *args, **kwargs) -> bool:
         self._failed[:] = False
@@ -303,11 +377,13 @@ class ThompsonPPO(PPO):
         # the head learns from every answered step of the rollout (failed ones dropped), then serves its new means
         keep = ok.cpu().numpy()
         self.reward_model.add(self.basis(obs.cpu().numpy()[keep]), actions.cpu().numpy()[keep], rewards[keep])
-        self.policy.head.set_means(self.reward_model.means())
+        self.policy.head.set_means(*self.reward_model.means())
         self.logger.record("train/failed_steps", int(len(keep) - keep.sum()))
         self.logger.record("train/head_samples", len(self.reward_model))
-        for b, scale in enumerate(self.reward_model.scales):
+        for b, scale in enumerate(self.reward_model.scales.max(0)):  # the widest over agents (pairs), per block
             self.logger.record(f"train/head_block_sd_{b}", float(scale))
+        for b, scale in enumerate(self.reward_model.pair_scales.max(0)):
+            self.logger.record(f"train/head_pair_block_sd_{b}", float(scale))
         self.logger.record("train/is_weight", float(is_weight[ok].mean()) if n_ok else float("nan"))
         for name, values in (("policy_gradient_loss", pg_losses), ("value_loss", value_losses),
                              ("entropy_loss", entropy_losses), ("approx_kl", kls), ("clip_fraction", clip_fractions)):
@@ -321,10 +397,11 @@ class ThompsonPPO(PPO):
     # ------------------------------------------------------------------ label-free population choice
 
     def population_best(self, user_rows: np.ndarray) -> list[int]:
-        """Per agent, the action whose posterior-mean reward averaged over these users (their user rows, [N, D]) is
-        highest: the best fixed prompt by the head, chosen without any evaluation user's label (the gate's
-        reference)."""
+        """The whole prompt whose posterior-mean reward (main effects plus interactions) averaged over these users
+        (their user rows, [N, D]) is highest: the best fixed prompt by the head, chosen without any evaluation
+        user's label (the gate's reference)."""
         with th.no_grad():
             mean_basis = self.policy.head.basis(th.as_tensor(user_rows, dtype=th.float32, device=self.device)
                                                 ).cpu().numpy().mean(0)
-        return [int(np.argmax(m @ mean_basis)) for m in self.reward_model.means()]
+        best = int(self.reward_model.scores(mean_basis[None]).reshape(-1).argmax())
+        return [int(a) for a in np.unravel_index(best, self.reward_model.nvec)]

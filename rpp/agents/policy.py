@@ -23,13 +23,15 @@ Design (centralized training, decentralized execution, as in RPP):
   of the four agents' ratios (joint clipping) and the entropy bonus is the sum of the four entropies.
   Rollouts, advantages, clipping, optimisation, logging and save/load are SB3's.
 - With ``user_layout`` (the thompson learner, rpp.agents.learner), each agent's logits are its Bayesian reward
-  head's posterior mean over a fixed basis of the user row, divided by PRIOR_TEMPERATURE, PLUS the neural actor's
+  head's posterior-mean max-marginal over a fixed basis of the user row (the best predicted reward of a whole
+  prompt with that action: main effects plus pairwise interactions), divided by PRIOR_TEMPERATURE, PLUS the neural actor's
   logits: the head is the agent's prior knowledge of which action pays for this user (updated by conjugate Bayes,
   not by gradients: a buffer), the neural part a residual that PPO trains. ``mlp_extractor`` appends the head's
   logits to latent_pi and ``action_net`` adds them to the heads' output.
 """
 from __future__ import annotations
 
+import itertools
 from functools import partial
 from typing import Any, Sequence
 
@@ -137,22 +139,62 @@ class UserBasis(nn.Module):
         return th.cat(parts, dim=-1)
 
 
+def agent_pairs(n_agents: int) -> list[tuple[int, int]]:
+    """The pairs (i, j), i < j, of agents whose joint choice the reward head models (every pair)."""
+    return list(itertools.combinations(range(n_agents), 2))
+
+
+def joint_scores(main: Sequence[th.Tensor], pair: Sequence[th.Tensor], nvec: Sequence[int]) -> th.Tensor:
+    """The predicted reward of every whole prompt: main[i] [..., n_i] (agent i's action effects) and pair[p]
+    [..., n_i * n_j] (the interaction of pair p = agent_pairs()[p], row-major over (a_i, a_j)) -> [..., n_0, ...,
+    n_last], their sum at each combination of actions."""
+    lead, n = main[0].shape[:-1], len(nvec)
+    total = th.zeros(*lead, *nvec, dtype=main[0].dtype, device=main[0].device)
+    for i, m in enumerate(main):
+        shape = [1] * n
+        shape[i] = nvec[i]
+        total = total + m.reshape(*lead, *shape)
+    for (i, j), q in zip(agent_pairs(n), pair, strict=True):
+        shape = [1] * n
+        shape[i], shape[j] = nvec[i], nvec[j]
+        total = total + q.reshape(*lead, *shape)
+    return total
+
+
+def max_marginals(total: th.Tensor, n_agents: int) -> list[th.Tensor]:
+    """Per agent i, [..., n_i]: the best whole-prompt score reachable with each of its actions (max over the
+    others). The argmax of each agent's max-marginal is its action in the best whole prompt, so independent
+    per-agent choices still serve the joint optimum."""
+    lead = total.ndim - n_agents
+    return [total.amax(dim=tuple(lead + k for k in range(n_agents) if k != i)) if n_agents > 1 else total
+            for i in range(n_agents)]
+
+
 class PosteriorHead(nn.Module):
-    """Per agent, [n_actions, basis] posterior-mean weights of the Bayesian reward head (buffers, set by the
-    learner after each update; rpp.agents.learner) and the basis they apply to. forward(user row) -> the
-    concatenated per-agent prior logits, mean predicted reward / PRIOR_TEMPERATURE."""
+    """The posterior-mean weights of the Bayesian reward head (buffers, set by the learner after each update;
+    rpp.agents.learner) and the basis they apply to: [sum(nvec), basis] main effects of every (agent, action) and
+    [sum(n_i * n_j), basis] interactions of every (agent pair, action pair). forward(user row) -> the concatenated
+    per-agent prior logits: each action's max-marginal predicted reward (joint_scores, max_marginals) /
+    PRIOR_TEMPERATURE, so that the agents' greedy choices together form the head's best whole prompt."""
 
     def __init__(self, layout: dict, bins: int, nvec: list[int]):
         super().__init__()
         self.basis = UserBasis(layout, bins)
         self.nvec = list(nvec)
+        self.pairs = agent_pairs(len(self.nvec))
+        self.pair_sizes = [self.nvec[i] * self.nvec[j] for i, j in self.pairs]
         self.register_buffer("weights", th.zeros(sum(self.nvec), self.basis.dim))
+        self.register_buffer("pair_weights", th.zeros(sum(self.pair_sizes), self.basis.dim))
 
-    def set_means(self, means: list[np.ndarray]) -> None:
-        self.weights.copy_(th.as_tensor(np.concatenate(means), dtype=th.float32))
+    def set_means(self, main: list[np.ndarray], pair: list[np.ndarray]) -> None:
+        self.weights.copy_(th.as_tensor(np.concatenate(main), dtype=th.float32))
+        self.pair_weights.copy_(th.as_tensor(np.concatenate(pair), dtype=th.float32))
 
     def forward(self, row: th.Tensor) -> th.Tensor:
-        return self.basis(row) @ self.weights.T / PRIOR_TEMPERATURE
+        phi = self.basis(row)
+        main = th.split(phi @ self.weights.T, self.nvec, dim=-1)
+        pair = th.split(phi @ self.pair_weights.T, self.pair_sizes, dim=-1)
+        return th.cat(max_marginals(joint_scores(main, pair, self.nvec), len(self.nvec)), -1) / PRIOR_TEMPERATURE
 
 
 class AgentEncoder(nn.Module):
@@ -247,19 +289,17 @@ class FourAgentPolicy(ActorCriticPolicy):
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)
 
     behavior = None
-    """Set by rpp.agents.learner.ThompsonPPO during its rollouts only: a callable obs -> per-agent probabilities
-    to sample the rollout's actions from (the Thompson choice probabilities). None (and always for deterministic
-    actions): SB3's forward, sampling from the actors."""
+    """Set by rpp.agents.learner.ThompsonPPO during its rollouts only: a callable obs -> (actions [B, n_agents],
+    log-probabilities [B]) of whole prompts drawn by the behaviour policy (Thompson draws). None (and always for
+    deterministic actions): SB3's forward, sampling from the actors."""
 
     def forward(self, obs: th.Tensor, deterministic: bool = False) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
-        """SB3's forward (actions, values, log-probabilities), or, while `behavior` is set, actions drawn per agent
-        from the behaviour distribution with ITS log-probability (the learner's off-policy correction needs it)."""
+        """SB3's forward (actions, values, log-probabilities), or, while `behavior` is set, the behaviour policy's
+        whole prompts with THEIR log-probability (the learner's off-policy correction needs it)."""
         if self.behavior is None or deterministic:
             return super().forward(obs, deterministic)
         latent_vf = self.mlp_extractor.forward_critic(self.extract_features(obs))
-        dists = [th.distributions.Categorical(probs=p) for p in self.behavior(obs)]
-        actions = th.stack([d.sample() for d in dists], dim=-1)
-        log_prob = sum(d.log_prob(a) for d, a in zip(dists, actions.unbind(-1), strict=True))
+        actions, log_prob = self.behavior(obs)
         return actions, self.value_net(latent_vf), log_prob
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
