@@ -234,6 +234,11 @@ class PosteriorConfig(_Section):
     noise_sd: float = Field(0.2, gt=0)
     """Assumed standard deviation of a step reward around the model; a smaller value lets one unlucky sample rule a
     category's best action out for good."""
+    explore_sd: float = Field(0.03, ge=0)
+    """Floor on the prior sds (block_sd) in the posterior the rollout prompts are drawn from; the served head keeps
+    the evidence's sds. Empirical Bayes fits the sds to what was tried, so a deviation nobody has tried yet gets
+    the smallest prior and Thompson draws never try it; the floor keeps it in reach (the learner's synthetic joint
+    rule: found on 4 of 4 seeds with 0.03, on 3 of 4 without)."""
     draws: int = Field(64, ge=1)
     """Posterior draws per observation: the rollout prompt is the best one under one of them, and its behaviour
     probability (for the off-policy correction) the share of draws that pick it."""

@@ -62,13 +62,15 @@ class RewardPosterior:
     group (an agent's main effects, a pair's interactions) and block (for the interactions, their intercept block
     too), chosen from `block_sd` by empirical Bayes (type-II maximum likelihood: the marginal likelihood of the
     group's partial residual, summed over its models; coordinate ascent over the blocks from the smallest value),
-    between ROUNDS of backfitting. So a feature, or a pair of agents, earns a wide prior only when the evidence asks
+    between ROUNDS of backfitting. The Thompson draws use the posterior with every such sd floored at `explore_sd`:
+    empirical Bayes fits the sds to what was tried, so without a floor a deviation nobody has tried yet keeps the
+    smallest prior and the draws never try it. So a feature, or a pair of agents, earns a wide prior only when the evidence asks
     for it: where no pair interacts, the interactions stay shrunk to 0 and the head is the per-agent one.
     Noise ~ N(0, noise_sd^2). The samples are kept (not only sufficient statistics) so a checkpoint can hold them
     and refit exactly; the scales are a function of the samples and are refit with them."""
 
     def __init__(self, nvec: list[int], blocks: list[int], intercept_sd: float, block_sd: list[float],
-                 noise_sd: float, draws: int) -> None:
+                 noise_sd: float, draws: int, explore_sd: float = 0.0) -> None:
         self.nvec = [int(n) for n in nvec]
         self.pairs = agent_pairs(len(self.nvec))
         self.blocks = [int(b) for b in blocks]
@@ -76,15 +78,15 @@ class RewardPosterior:
             raise ValueError("reward head: the basis must start with its intercept column (blocks 0, 1, ...)")
         self.dim = self.blocks[-1]
         self.intercept_sd, self.grid = float(intercept_sd), sorted(float(v) for v in block_sd)
-        self.noise_sd, self.draws = float(noise_sd), int(draws)
-        self.scales = np.full(len(self.blocks) - 2, self.grid[0])
-        """The prior sd of each feature block of the main effects (after the intercept), as last fit."""
-        self.pair_scales = np.full(len(self.blocks) - 1, self.grid[0])
-        """The prior sd of each block of the interactions (intercept included), as last fit."""
+        self.noise_sd, self.draws, self.explore_sd = float(noise_sd), int(draws), float(explore_sd)
+        self.scales = np.full((len(self.nvec), len(self.blocks) - 2), self.grid[0])
+        """Per agent, the prior sd of each feature block of its main effects (after the intercept), as last fit."""
+        self.pair_scales = np.full((len(self.pairs), len(self.blocks) - 1), self.grid[0])
+        """Per pair of agents, the prior sd of each block of its interactions (intercept included), as last fit."""
         self.x = np.zeros((0, self.dim), dtype=np.float32)
         self.actions = np.zeros((0, len(self.nvec)), dtype=np.int64)
         self.rewards = np.zeros(0, dtype=np.float64)
-        self._posterior: Optional[dict[str, list[list[tuple[np.ndarray, np.ndarray]]]]] = None
+        self._posterior: Optional[dict[str, dict[str, list[list[tuple[np.ndarray, np.ndarray]]]]]] = None
 
     def __len__(self) -> int:
         return len(self.rewards)
@@ -175,15 +177,17 @@ class RewardPosterior:
                 fitted[:, g] = np.einsum("kd,kd->k", x, means[g][a])
         return means, covs, fitted
 
-    def posterior(self) -> dict[str, list[list[tuple[np.ndarray, np.ndarray]]]]:
+    def posterior(self, explore: bool = False) -> dict[str, list[list[tuple[np.ndarray, np.ndarray]]]]:
         """{"main": [agent][action], "pair": [pair][action pair (row-major)]} -> (mean weights, lower Cholesky
         factor of the weight covariance given the other models). The block sds are refit by empirical Bayes on each
-        model group's partial residual between rounds of backfitting, then the model is backfit under them."""
+        model group's partial residual between rounds of backfitting, then the model is backfit under them.
+        explore: the posterior with the sds floored at explore_sd, which the Thompson draws use."""
         if self._posterior is None:
             n_main, arms = len(self.nvec), self._arms()
 
-            def sds() -> list[np.ndarray]:
-                return [np.r_[self.intercept_sd, s] for s in self.scales] + list(self.pair_scales)
+            def sds(floor: float = 0.0) -> list[np.ndarray]:
+                return ([np.r_[self.intercept_sd, np.maximum(s, floor)] for s in self.scales]
+                        + list(np.maximum(self.pair_scales, floor)))
 
             self.scales = np.full((n_main, len(self.blocks) - 2), self.grid[0])
             self.pair_scales = np.full((len(self.pairs), len(self.blocks) - 1), self.grid[0])
@@ -197,10 +201,12 @@ class RewardPosterior:
                     else:
                         k = g - n_main
                         self.pair_scales[k] = self.fit_scales(stats, (), self.pair_scales[k], passes)
-            means, covs, _ = self._backfit(sds())
-            models = [[(m, np.linalg.cholesky(c)) for m, c in zip(means[g], covs[g])] for g in range(len(arms))]
-            self._posterior = {"main": models[:n_main], "pair": models[n_main:]}
-        return self._posterior
+            self._posterior = {}
+            for name, floor in (("mean", 0.0), ("explore", self.explore_sd)):
+                means, covs, _ = self._backfit(sds(floor))
+                models = [[(m, np.linalg.cholesky(c)) for m, c in zip(means[g], covs[g])] for g in range(len(arms))]
+                self._posterior[name] = {"main": models[:n_main], "pair": models[n_main:]}
+        return self._posterior["explore" if explore else "mean"]
 
     def best_seen(self, k: int, min_samples: int = 2) -> list[list[int]]:
         """The k whole prompts (action indices of all agents together) with the highest mean reward among the
@@ -222,7 +228,7 @@ class RewardPosterior:
         """Predicted reward of every whole prompt for each basis row: [N, n_0, ..., n_last] under the posterior
         mean (draws 0), or [N, draws, n_0, ...] under `draws` posterior samples."""
         x = np.asarray(x, dtype=np.float64).reshape(-1, self.dim)
-        post = self.posterior()
+        post = self.posterior(explore=bool(draws))
 
         def layer(models):
             out = []
@@ -279,7 +285,8 @@ class ThompsonPPO(PPO):
             self._basis_rows = None
         c = self.posterior_config
         self.reward_model = RewardPosterior(list(self.action_space.nvec), list(head.basis.blocks),
-                                            c["intercept_sd"], c["block_sd"], c["noise_sd"], c["draws"])
+                                            c["intercept_sd"], c["block_sd"], c["noise_sd"], c["draws"],
+                                            c["explore_sd"])
         self.rng = np.random.default_rng([int(self.seed or 0), 0x7B5])
         self._failed = np.zeros((self.n_steps, self.n_envs), dtype=bool)
 
@@ -380,9 +387,9 @@ class ThompsonPPO(PPO):
         self.policy.head.set_means(*self.reward_model.means())
         self.logger.record("train/failed_steps", int(len(keep) - keep.sum()))
         self.logger.record("train/head_samples", len(self.reward_model))
-        for b, scale in enumerate(self.reward_model.scales.max(0)):  # the widest over agents (pairs), per block
+        for b, scale in enumerate(self.reward_model.scales.max(0)):  # the widest over agents, per block
             self.logger.record(f"train/head_block_sd_{b}", float(scale))
-        for b, scale in enumerate(self.reward_model.pair_scales.max(0)):
+        for b, scale in enumerate(self.reward_model.pair_scales.max(0)):  # the widest over pairs, per block
             self.logger.record(f"train/head_pair_block_sd_{b}", float(scale))
         self.logger.record("train/is_weight", float(is_weight[ok].mean()) if n_ok else float("nan"))
         for name, values in (("policy_gradient_loss", pg_losses), ("value_loss", value_losses),
