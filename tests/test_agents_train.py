@@ -72,6 +72,7 @@ class InitialParameters(BaseCallback):
         return True
 
 
+@pytest.mark.slow
 def test_default_learner_trains_and_writes_a_complete_run_dir(tmp_path):
     from rpp.agents import train
     from rpp.agents.learner import ThompsonPPO
@@ -133,6 +134,7 @@ def test_default_learner_trains_and_writes_a_complete_run_dir(tmp_path):
         assert result.action_counts[p][ids[p][i]] == 4
 
 
+@pytest.mark.slow
 def test_custom_action_set_with_7_roles_and_3_formats_trains_without_code_changes(tmp_path):
     from rpp.agents import PromptPolicy, evaluate, train
 
@@ -165,6 +167,7 @@ def test_custom_action_set_with_7_roles_and_3_formats_trains_without_code_change
     assert sum(result.action_counts["role"].values()) == 4
 
 
+@pytest.mark.slow
 def test_evaluation_never_reads_the_target(tmp_path):
     """Permuting every user's target among its candidates leaves each chosen action and each ranking unchanged."""
     from rpp.agents import train
@@ -185,6 +188,7 @@ def test_evaluation_never_reads_the_target(tmp_path):
     assert [r["target_rank"] for r in a] != [r["target_rank"] for r in b]  # the targets did move
 
 
+@pytest.mark.slow
 def test_fresh_train_refuses_to_overwrite_and_resume_refuses_a_different_config(tmp_path):
     from rpp.agents import train
 
@@ -221,6 +225,7 @@ def test_ranker_check_warns_loudly_on_a_chance_level_ranker(tmp_path, capsys):
         np.mean([1 / np.log2(r + 2) for r in range(10)]) / 2)  # 20 candidates, half of them inside the top 10
 
 
+@pytest.mark.slow
 def test_serving_sees_what_the_environment_shows(tmp_path):
     """PromptPolicy's one-shot observation for a user equals the env's first observation for that user, so the
     served choice is the one the policy makes at step 0 of an evaluation episode."""
@@ -250,6 +255,7 @@ def test_serving_sees_what_the_environment_shows(tmp_path):
     assert set(served.personalize(["Toy Story (1995)"]).action_ids) == {"role", "history", "reasoning", "format"}
 
 
+@pytest.mark.slow
 def test_rpp_plus_trains_and_evaluates_with_refined_sentences(tmp_path, monkeypatch):
     """refiner.enabled: training logs each rollout's rewrite counts, the run's usage.json has the refiner's
     totals, and evaluation writes the refined sentences to prompts.jsonl next to the original action ids."""
@@ -306,6 +312,7 @@ def test_rpp_plus_trains_and_evaluates_with_refined_sentences(tmp_path, monkeypa
     assert (table["refine_acceptance_rate"] == 1.0).all() and (table["refine_requests_per_user"] > 0).all()
 
 
+@pytest.mark.slow
 def test_entropy_coefficient_is_annealed_over_the_run(tmp_path):
     """train.ent_coef_final: SB3 reads model.ent_coef at each update; the schedule sets it from the progress made
     so far, linearly from ent_coef to ent_coef_final, and the TensorBoard log records each value."""

@@ -93,6 +93,7 @@ def trained_run(tmp_path, fake_ranker, capsys, one_thread):
     return run_dir
 
 
+@pytest.mark.slow
 def test_retraining_into_an_existing_run_is_one_error_line(tmp_path, trained_run, capsys):
     from rpp.cli import main
 
@@ -101,6 +102,7 @@ def test_retraining_into_an_existing_run_is_one_error_line(tmp_path, trained_run
     assert err.startswith("rpp: error:") and "--resume" in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_resume_without_config_applies_set_and_no_cache(trained_run, fake_ranker, capsys):
     from rpp.cli import main
 
@@ -114,6 +116,7 @@ def test_resume_without_config_applies_set_and_no_cache(trained_run, fake_ranker
     assert "train.learning_rate" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_evaluate_through_main_with_set_and_no_cache(trained_run, fake_ranker, capsys):
     from rpp.cli import main
 

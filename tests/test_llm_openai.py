@@ -34,6 +34,7 @@ def make(fake, **kw) -> OpenAIRanker:
     return OpenAIRanker(**args)
 
 
+@pytest.mark.slow
 def test_faults_are_retried_boundedly_counted_and_do_not_spoil_the_batch(fake):
     ranker = make(fake)
     tags = ["ok-1", "FAULT=500", "FAULT=429", "FAULT=SLEEP", "FAULT=DROP", "FAULT=GARBAGE", "FAULT=NOCHOICES",

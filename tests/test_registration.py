@@ -5,6 +5,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 
 def fresh_python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300)
@@ -29,6 +31,7 @@ def test_import_rpp_registers_the_env_id_without_loading_torch():
     assert "Overriding environment" not in out.stderr
 
 
+@pytest.mark.slow
 def test_gymnasium_make_of_the_documented_id_after_import_rpp():
     out = fresh_python("""
         import sys

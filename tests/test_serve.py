@@ -25,6 +25,9 @@ ROOT = Path(rpp.__file__).resolve().parents[1]
 PATTERNS = ("role", "history", "reasoning", "format")
 
 
+pytestmark = pytest.mark.slow  # every test here shares a trained run and starts servers (make test runs them)
+
+
 def _env() -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
