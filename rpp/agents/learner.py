@@ -151,6 +151,8 @@ class RewardPosterior:
                             best, scales = evidence, trial
         return scales
 
+    MAX_SCORES = 4_000_000
+    """Whole-prompt scores held at once by a Thompson draw (rows x draws x prompts)."""
     SWEEPS = 20
     """Backfitting sweeps (each model group refit on what all the others leave)."""
     ROUNDS = 2
@@ -245,8 +247,10 @@ class RewardPosterior:
         """Whole prompts drawn by Thompson sampling for each basis row: (actions [N, n_agents], their probability
         [N]). Each row takes the best prompt under one of `draws` posterior samples; its probability is the share
         of the samples whose best prompt it is (Thompson sampling's choice probability)."""
-        total = self.scores(x, self.draws, rng)  # [N, draws, ...]
-        flat = total.reshape(*total.shape[:2], -1).argmax(-1).numpy()  # [N, draws] best prompt per sample
+        x = np.asarray(x, dtype=np.float64).reshape(-1, self.dim)
+        rows = max(1, self.MAX_SCORES // (self.draws * int(np.prod(self.nvec))))  # bounds memory for big action sets
+        flat = np.concatenate([self.scores(x[i:i + rows], self.draws, rng).flatten(2).argmax(-1).numpy()
+                               for i in range(0, len(x), rows)])  # [N, draws]: the best prompt of each sample
         pick = flat[np.arange(len(flat)), rng.integers(0, self.draws, len(flat))]
         prob = (flat == pick[:, None]).mean(1)
         return np.stack(np.unravel_index(pick, self.nvec), -1), prob
