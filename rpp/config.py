@@ -289,9 +289,9 @@ class TrainConfig(_Section):
     """Validation users for the pre-training ranker check (ranker vs random vs popularity); 0 skips it."""
     gate_users: Optional[int] = Field(None, ge=1)
     """Validation users for the safe-improvement gate at the end of training (default: every validation user;
-    rpp.agents.gate). The gate serves the policy only where it beats the best fixed prompt with confidence. It
-    costs at most (4 + sum over agents of (actions - 1)) + eval.steps requests per user: 25 + T with the default action
-    set."""
+    rpp.agents.gate). The gate serves the policy only where it beats the best fixed prompt with confidence; that
+    prompt is searched on as many training users. It costs at most 4 + sum over agents of (actions - 1) requests per
+    training user and 1 + eval.steps per validation user: 28 per pair with the default action set and T = 2."""
     gate_alpha: float = Field(0.05, gt=0, lt=0.5)
     """One-sided level of the gate's lower confidence bound on (policy - fixed) NDCG."""
     device: str = "cpu"

@@ -205,3 +205,39 @@ def test_bandit_told_the_feature_only_exists_for_the_genre_rule():
     cfg = planted_cfg("llm.planted.feature=history_length", "train.total_steps=40")
     told = bandit_references(cfg, make_ranker(cfg))
     assert told["bandit_told_feature"] is None and 0.0 <= told["bandit_told_group"] <= 1.0
+
+
+def test_the_gate_chooses_its_fixed_prompt_without_the_validation_users_labels(ranker, tmp_path, monkeypatch):
+    """rpp.agents.gate: the reference (the best fixed prompt) is searched on TRAINING users; the validation users
+    the decision is taken on are ranked for two prompts only, that reference and the policy. A reference chosen on
+    the validation users themselves is optimistic by the selection, and the gate then withheld better policies."""
+    from types import SimpleNamespace
+
+    from rpp.agents.gate import safe_improvement_gate
+    from rpp.config import EncoderConfig
+    from rpp.envs import StateEncoder, make_core
+
+    class TaskWise:  # a policy that always picks each agent's first action, the task-wise prompt
+        def predict(self, obs, state=None, episode_start=None, deterministic=True):
+            n = len(next(iter(obs.values()))) if isinstance(obs, dict) else len(obs)
+            return np.zeros((n, 4), dtype=np.int64), None
+
+    cfg = planted_cfg("train.gate_users=6", "eval.steps=1")
+    encoder = StateEncoder(EncoderConfig())
+    val_users = {s.user for s in make_core(cfg, "val", ranker=ranker, encoder=encoder).samples[:6]}
+    train_users = {s.user for s in make_core(cfg, "train", ranker=ranker, encoder=encoder).samples}
+    prompts: dict = {}
+    rank = ranker.rank
+
+    def recording(requests):
+        for req in requests:
+            prompts.setdefault(req.tags["user"], set()).add(tuple(sorted(req.tags["actions"].items())))
+        return rank(requests)
+
+    monkeypatch.setattr(ranker, "rank", recording)
+    gate = safe_improvement_gate(cfg, tmp_path, SimpleNamespace(policy=TaskWise(), num_timesteps=0), ranker, encoder)
+    searched = {user for user, seen in prompts.items() if len(seen) > 2}
+    assert gate["search_split"] == "train" and gate["fixed_prompts_tried"] > 2
+    assert searched and searched <= train_users and not searched & val_users
+    assert val_users <= set(prompts) and all(len(prompts[user]) <= 2 for user in val_users)
+    assert gate["n_users"] == gate["n_answered"] == 6

@@ -2,21 +2,23 @@
 confidence; otherwise it serves that fixed prompt.
 
 At the end of `rpp train`, on VALIDATION users (never test users; the first train.gate_users of them):
-1. the reference, the best fixed prompt on those users, found by one pass of coordinate ascent: start from the
-   best of the task-wise prompt and the learner's own picks (for the thompson learner, the whole prompt whose
-   posterior-mean reward, main effects plus pairwise interactions, averaged over the TRAINING users is highest,
-   ThompsonPPO.population_best, and the BEST_SEEN whole prompts with the best mean reward in training; for PPO
-   alone, the combination its greedy policy gives most often on the training users), then for each agent in turn
-   try every one of its actions with the others held and keep the best. That is up to 4 + sum(n_actions - 1)
-   fixed prompts, one request per user each. A fixed prompt picked from the learner's estimates alone can be far
-   from the best one: with several equally common user groups, which prompt is best for everybody depends on the
-   groups' exact shares, and on a null planted rule the head's pick served 5-10% below the best fixed prompt;
-2. the policy is ranked for every validation user greedily over eval.steps steps; users where its request or the
-   reference's failed are dropped and counted;
+1. the reference, the best fixed prompt, chosen WITHOUT those users' labels: one pass of coordinate ascent on as
+   many TRAINING users. It starts from the best of the task-wise prompt and the learner's own picks (for the
+   thompson learner, the whole prompt whose posterior-mean reward, main effects plus pairwise interactions,
+   averaged over the training users is highest, ThompsonPPO.population_best, and the BEST_SEEN whole prompts with
+   the best mean reward in training; for PPO alone, the combination its greedy policy gives most often on the
+   training users), then for each agent in turn tries every one of its actions with the others held and keeps the
+   best. That is up to 4 + sum(n_actions - 1) fixed prompts, one request per training user each. A fixed prompt
+   picked from the learner's estimates alone can be far from the best one: with several equally common user
+   groups, which prompt is best for everybody depends on the groups' exact shares, and on a null planted rule the
+   head's pick served 5-10% below the best fixed prompt;
+2. the reference and the policy (greedily, over eval.steps steps) are ranked for every validation user; users
+   where either request failed are dropped and counted;
 3. the paired differences d = NDCG(policy) - NDCG(fixed) give a one-sided (1 - train.gate_alpha) lower confidence
-   bound mean(d) - t * sd(d) / sqrt(n); the policy is served if the bound is above 0, else the fixed prompt. The
-   reference was chosen on the same users, so its mean is optimistic by the selection: the test leans toward
-   serving the fixed prompt, which is the safe side.
+   bound mean(d) - t * sd(d) / sqrt(n); the policy is served if the bound is above 0, else the fixed prompt.
+   Because the reference was chosen on other users, its mean on the validation users is not inflated by the
+   selection (choosing it on the validation users themselves made the test favour the fixed prompt by the
+   winner's curse, and the gate then withheld policies that were better: experiments/results/planted.md).
 
 The decision, its numbers and the LLM calls it cost are written to <run>/gate.json; ``GatedPolicy`` applies it
 wherever a run's policy is evaluated or served (rpp evaluate, rpp benchmark, PromptPolicy).
@@ -142,24 +144,25 @@ def safe_improvement_gate(cfg: Config, run_dir: Path, model, ranker, encoder, pr
 
     k, batch = cfg.env.reward_k, cfg.env.n_envs
     calls_before = ranker.usage.total.calls
-    picks = _learner_picks(model, make_core(cfg, "train", ranker=ranker, encoder=encoder), batch)
+    train_core = make_core(cfg, "train", ranker=ranker, encoder=encoder)
+    picks = _learner_picks(model, train_core, batch)
     core = make_core(cfg, "val", ranker=ranker, encoder=encoder)
     samples = core.samples[:cfg.train.gate_users] if cfg.train.gate_users else core.samples
+    search_samples = train_core.samples[:len(samples)]
     taskwise = [core.action_set.index(p, a.id) for p, a in core.builder.taskwise().items()]
     sizes = [int(n) for n in core.nvec]
     starts = [list(s) for s in dict.fromkeys(tuple(s) for s in [taskwise, *picks])]  # distinct, in order
     bar = tqdm(total=len(starts) + sum(n - 1 for n in sizes), unit="prompt", desc="gate: best fixed prompt",
                disable=not progress, leave=False)
-    scored: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
 
     def score(combo: list[int]) -> np.ndarray:
         bar.update(1)
-        values, failed = scored[tuple(combo)] = fixed_ndcg(core, samples, combo, batch, k)
+        values, failed = fixed_ndcg(train_core, search_samples, combo, batch, k)
         return np.where(failed, np.nan, values)
 
     fixed, tried = coordinate_ascent(starts, sizes, score)
     bar.close()
-    reference, reference_failed = scored[tuple(fixed)]
+    reference, reference_failed = fixed_ndcg(core, samples, fixed, batch, k)
     records = run_policy(model.policy, core, samples, steps=cfg.eval.steps, batch_size=batch)
     policy = np.array([r["metrics"][f"ndcg@{k}"] for r in records])
     policy_failed = np.array([r["ranker_failed"] for r in records])
@@ -186,6 +189,8 @@ def safe_improvement_gate(cfg: Config, run_dir: Path, model, ranker, encoder, pr
         "learner_pick": {p: core.action_set.action(p, int(i)).id for p, i in zip(PATTERNS, picks[0])},
         "starts": [{p: core.action_set.action(p, int(i)).id for p, i in zip(PATTERNS, s)} for s in starts],
         "split": "val",
+        "search_split": "train",
+        "search_users": int(len(search_samples)),
         "n_users": int(len(samples)),
         "n_answered": int(answered.sum()),
         "failed_users": int((~answered).sum()),

@@ -57,8 +57,8 @@ def planted_check(cfg: Config, progress: bool = False, references: bool = True,
     result = summarize_planted(ranker, core, records, gate=gate, reference_users=val_users) | {
         "train_s": round(train_s, 1), "run_dir": str(run_dir)}
     if gate is not None:
-        result["gate"] = {key: gate[key] for key in ("served", "reason", "n_users", "n_answered", "mean_diff",
-                                                     "lower_bound", "llm_calls")}
+        result["gate"] = {key: gate.get(key) for key in ("served", "reason", "n_users", "n_answered", "mean_diff",
+                                                         "lower_bound", "llm_calls", "search_split")}
     if curve:
         result["curve"] = callbacks[0].points
     if references:

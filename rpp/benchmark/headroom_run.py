@@ -34,8 +34,9 @@ def training_cost(cfg: Config) -> int:
 
     sizes = load_action_set(cfg.prompt.action_spaces).sizes()
     gate_users = cfg.train.gate_users if cfg.train.gate_users is not None else cfg.data.n_val_users
-    # the gate at most: task-wise, the learner's pick and BEST_SEEN starts, each agent's other actions, the policy
-    per_gate_user = 2 + BEST_SEEN + sum(s - 1 for s in sizes) + (cfg.eval.steps or 1)
+    # the gate at most: on training users the search (task-wise, the learner's pick and BEST_SEEN starts, each
+    # agent's other actions), on validation users the chosen fixed prompt and the policy
+    per_gate_user = 2 + BEST_SEEN + sum(s - 1 for s in sizes) + 1 + (cfg.eval.steps or 1)
     return int(cfg.train.total_steps + cfg.train.check_users + gate_users * per_gate_user)
 
 
