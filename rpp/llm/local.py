@@ -7,15 +7,24 @@ never leaves half a model behind. Later loads take 1-2 s. ``cfg.llm.model`` may 
 transformers causal LM. Each process loads a given (model, dtype) once: the ranker and the RPP+ refiner share it
 through a small registry.
 
+Prompt text. An instruct model gets the chat template of the messages with ``add_generation_prompt=True`` (it
+ends with the assistant header). A base model (an asset with ``base_model=True``, e.g. the opt-in Gemma-3-270M,
+which was never trained on a chat format) gets ``plain_prompt``: the tokenizer's BOS, then one paragraph per
+message, ``System: ...``, ``User: ...`` (the role capitalised, a colon, the content), paragraphs separated by a
+blank line, ending with ``Assistant:`` and a newline, where the answer starts. ``render_prompt`` is the one place
+that chooses between them (the openai backend uses it too).
+
 Score mode. A candidate is scored by the log-likelihood of its title as the assistant's answer: the prefix is the
-chat template of the messages with ``add_generation_prompt=True`` (it ends with the assistant header), the answer
-is the title's own tokens. We do NOT append the end-of-turn token: the headroom measurement that motivated score
-mode scored titles without it, and an end-of-turn term mostly measures how "complete" a title looks rather than
-how likely the user is to want it. The token boundary is consistent with a naive full-sequence computation
-because the assistant header ends with a newline, which the tokenizer never merges with the next word
-(tests/test_llm_local.py checks ``tokenize(prefix + title) == tokenize(prefix) + tokenize(title)`` on every
-ML-100K title). The prefix runs ONCE per request (several requests per forward, left-padded), then all
-candidates of those requests run in one forward on copies of the prefix KV cache.
+prompt text above, the answer is the title's own tokens. We do NOT append the end-of-turn token: the headroom
+measurement that motivated score mode scored titles without it, and an end-of-turn term mostly measures how
+"complete" a title looks rather than how likely the user is to want it. The token boundary is consistent with a
+naive full-sequence computation because the assistant header (and the plain prompt) ends with a newline, which
+the tokenizer never merges with the next word (tests/test_llm_local.py and tests/test_llm_gemma.py check
+``tokenize(prefix + title) == tokenize(prefix) + tokenize(title)`` on every ML-100K title). The prefix runs ONCE
+per request (several requests per forward, left-padded), then all candidates of those requests run in one forward
+on copies of the prefix KV cache. That cache keeps every prefix token in every layer, also in a model's
+sliding-window layers (Gemma 3): the attention mask still applies the window, and the copied rows line up with the
+full prefix.
 
 Generate mode. Greedy decoding of the chat answer, parsed back to candidates by ``rpp.llm.parsing``.
 """
@@ -61,10 +70,14 @@ class LoadedModel:
     dtype: str
     """"bfloat16" or "float32" (resolved, never "auto")."""
     weights_sha256: str
+    base_model: bool = False
+    """Not instruction-tuned: prompts are rendered as plain text (plain_prompt), never with a chat template."""
 
     @property
     def identity(self) -> str:
-        return f"{self.name}|sha256={self.weights_sha256}|dtype={self.dtype}"
+        """Part of every cache key; a base model's also names its plain-text prompt rule."""
+        plain = "|prompt=plain" if self.base_model else ""
+        return f"{self.name}|sha256={self.weights_sha256}|dtype={self.dtype}{plain}"
 
 
 _REGISTRY: dict[tuple[str, str], LoadedModel] = {}
@@ -108,12 +121,11 @@ def _gguf_member(asset_name: str) -> tuple[Path, str]:
     """(path, pinned sha256) of an embedded asset's GGUF file, fetching the asset if needed."""
     from rpp.assets import ASSETS, asset_file
 
-    asset = ASSETS[asset_name]
-    ggufs = [(m, sha) for m, sha in asset.members.items() if m.endswith(".gguf")]
+    ggufs = [(f, sha) for f, sha in ASSETS[asset_name].files().items() if f.endswith(".gguf")]
     if not ggufs:
         raise ModelLoadError(f"asset '{asset_name}' holds no GGUF model")
-    member, sha = ggufs[0]
-    return asset_file(asset_name, Path(member).name), sha
+    basename, sha = ggufs[0]
+    return asset_file(asset_name, basename), sha
 
 
 def gguf_path(asset_name: str) -> Path:
@@ -161,6 +173,7 @@ def load_model(name: str, dtype: str = "auto") -> LoadedModel:
     with _REGISTRY_LOCK:
         if key in _REGISTRY:
             return _REGISTRY[key]
+        base_model = name in ASSETS and ASSETS[name].base_model
         if name in ASSETS:
             gguf, sha = _gguf_member(name)
             folder = cache_root() / "models" / f"{name}-{resolved}"
@@ -169,18 +182,18 @@ def load_model(name: str, dtype: str = "auto") -> LoadedModel:
         else:
             folder = Path(name).expanduser()
             if not (folder / "config.json").is_file():
-                known = ", ".join(n for n, a in ASSETS.items() if any(m.endswith(".gguf") for m in a.members))
+                known = ", ".join(n for n, a in ASSETS.items() if any(f.endswith(".gguf") for f in a.files()))
                 raise ModelLoadError(
                     f"llm.model '{name}' is neither an embedded model ({known}) nor a folder with a "
                     "transformers model (config.json, weights, tokenizer)")
             sha = folder_sha256(folder)
-        loaded = _load_folder(name, folder, resolved, sha)
+        loaded = _load_folder(name, folder, resolved, sha, base_model)
         _REGISTRY[key] = loaded
         return loaded
 
 
 def load_tokenizer(name: str):
-    """Just the tokenizer of a model (for rendering its chat template), without loading weights when possible."""
+    """Just the tokenizer of a model (for rendering its prompts), without loading weights when possible."""
     from transformers import AutoTokenizer
 
     from rpp.assets import ASSETS
@@ -199,7 +212,7 @@ def load_tokenizer(name: str):
     return AutoTokenizer.from_pretrained(str(Path(name).expanduser()))
 
 
-def _load_folder(name: str, folder: Path, dtype: str, sha: str) -> LoadedModel:
+def _load_folder(name: str, folder: Path, dtype: str, sha: str, base_model: bool = False) -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -215,10 +228,11 @@ def _load_folder(name: str, folder: Path, dtype: str, sha: str) -> LoadedModel:
     model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if not getattr(tokenizer, "chat_template", None):
-        raise ModelLoadError(f"the tokenizer in {folder} has no chat template; rpp needs an instruct/chat model")
+    if not base_model and not getattr(tokenizer, "chat_template", None):
+        raise ModelLoadError(f"the tokenizer in {folder} has no chat template; rpp needs an instruct/chat model "
+                             "(or an embedded asset marked base_model, which gets plain-text prompts)")
     return LoadedModel(name=str(name), folder=folder, model=model, tokenizer=tokenizer, dtype=dtype,
-                       weights_sha256=sha)
+                       weights_sha256=sha, base_model=base_model)
 
 
 def set_threads(threads: Optional[int]) -> None:
@@ -230,9 +244,27 @@ def set_threads(threads: Optional[int]) -> None:
 
 # ---------------------------------------------------------------------------------------------- the model API
 
+def plain_prompt(messages: Sequence[dict], bos: str = "") -> str:
+    """A base model's prompt: `bos`, then "Role: content" paragraphs separated by blank lines, then "Assistant:\\n".
+
+    >>> plain_prompt([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}])
+    'System: Be brief.\\n\\nUser: Hi?\\n\\nAssistant:\\n'
+    """
+    paragraphs = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+    return bos + "\n\n".join(paragraphs + ["Assistant:\n"])
+
+
+def render_prompt(tokenizer, messages: Sequence[dict], base_model: bool) -> str:
+    """The text a model reads for `messages`, ending where the answer starts: plain_prompt for a base model, the
+    tokenizer's chat template (with the assistant header) otherwise."""
+    if base_model:
+        return plain_prompt(messages, tokenizer.bos_token or "")
+    return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+
+
 def prompt_text(loaded: LoadedModel, messages: Sequence[dict]) -> str:
-    """The chat template of `messages`, ending with the assistant header (the answer starts right after)."""
-    return loaded.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+    """The prompt text of `messages` for this model, ending where the answer starts (see render_prompt)."""
+    return render_prompt(loaded.tokenizer, messages, loaded.base_model)
 
 
 def encode(loaded: LoadedModel, text: str) -> list[int]:
@@ -275,8 +307,11 @@ def score_candidates(loaded: LoadedModel, requests: Sequence[RankRequest],
     with torch.inference_mode():
         # logits_to_keep=1: only the last column's next-token distribution is needed (the LM head over every
         # prefix position would be ~10-20% of the forward's work)
-        first = loaded.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                             logits_to_keep=1)
+        # A config-less DynamicCache keeps every prefix token in every layer; the model's default cache would keep
+        # only the window in sliding-window layers (Gemma 3), and the candidate rows built below from it would not
+        # line up with the prefix columns. The attention mask applies the window either way.
+        first = loaded.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=DynamicCache(),
+                             use_cache=True, logits_to_keep=1)
         first_logp = torch.log_softmax(first.logits[:, -1, :].float(), dim=-1)  # (n_req, vocab)
         kv = [(layer.keys, layer.values) for layer in first.cache.layers]
         del first

@@ -3,7 +3,8 @@ Ollama, hosted providers).
 
 Generate mode asks the chat endpoint for a ranked list and parses it. Score mode needs prompt log-probs, which only
 /v1/completions with ``echo=True`` + ``logprobs`` gives; that endpoint takes raw text, so the chat template is
-rendered here: the embedded model's own template (from its tokenizer) when ``model`` names the embedded model or a
+rendered here: the embedded model's own template (from its tokenizer; a base model such as gemma3-270m gets the
+local backend's plain-text rendering, ``rpp.llm.local.render_prompt``) when ``model`` names an embedded model or a
 local folder, else a plain ChatML template (``<|im_start|>role\\ncontent<|im_end|>\\n`` ... ``<|im_start|>assistant\\n``).
 
 Servers disagree about echo log-probs. vLLM's are correct; llama.cpp's own server returns none;
@@ -64,15 +65,16 @@ def chat_template_for(model: str) -> Callable[[Sequence[dict]], str]:
     from rpp.assets import ASSETS
 
     if model in ASSETS or Path(model).expanduser().is_dir():
-        from rpp.llm.local import load_tokenizer
+        from rpp.llm.local import load_tokenizer, render_prompt
 
         tokenizer = load_tokenizer(model)
     else:
         log.info("no local tokenizer for '%s': rendering prompts with the ChatML template", model)
         return _chatml
+    base_model = model in ASSETS and ASSETS[model].base_model
 
     def render(messages: Sequence[dict]) -> str:
-        return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+        return render_prompt(tokenizer, messages, base_model)
 
     return render
 
