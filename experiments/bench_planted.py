@@ -186,10 +186,11 @@ lower bound of (policy - fixed) NDCG@10 on the validation users. The bar: median
 learnable rules, harm <= 0.02 on every null rule."""
 
 
-EARLIER = """## Earlier learners (frozen rows; their code and raw records are in git: commits 9f08aa6, 033f33a and e9bae27)
+EARLIER = """## Earlier learners (frozen rows; their code and raw records are in git: commits db8e263, 9f08aa6, 033f33a and e9bae27)
 
 | learner | genre rules, history + reasoning (768 steps, 300 test users) | other rules |
 |---|---|---|
+| thompson as today, with the EARLIER gate (its fixed prompt searched on the same validation users it was compared on; db8e263) | 2 groups seeds 0-2: 1.000 / 1.000 / 1.000; 4 groups seeds 0-2: 0.943 / 0.977 / 0.637 (served fixed, gate bound -0.025): 4 of 6 pass | family seed 20261207: median H 0.94, min H 0.02 (genre g5 history+reasoning served a fixed prompt: the policy was ahead by +0.050 on the validation users, bound -0.005; today it serves the policy, H 0.68), null harm -0.004 |
 | thompson with a PER-AGENT head (no pairwise interactions: each agent's model counted the others' choices as noise; block scales by empirical Bayes shared by all agents; 9f08aa6) | 2 groups seeds 0-2: 1.000 / 0.613 (served fixed, gate bound -0.013) / 1.000; 4 groups seeds 0-2: 0.983 / 0.890 / 0.983: 4 of 6 pass | family seed 20261206, 20 rules (11 learnable, 2 null): median H 0.75, min H -0.13, max null harm 0.055: every additive rule served the policy (H 0.62-1.08); both joint learnable rules were served a fixed prompt (H -0.13, -0.01); a joint null rule over three agents served a fixed prompt 5.5% below the reference |
 | thompson with ONE fixed prior scale for every feature block (group_sd 0.3, share_sd 0.03, noise_sd 0.3; e9bae27) | - | family seed 20261205, 20 rules (9 learnable, 8 null): median H 0.74, min H -0.61, max null harm 0.481: every single-agent rule served the policy (H 0.74-0.97), every rule over 2-3 agents was missed (H -0.61 to 0.49); a joint null rule over three agents served a fixed prompt 48% below the reference. The block scales by empirical Bayes and the gate's whole-prompt starts were developed on five of these rules (2, 3, 4, 5, 8), so seed 20261205 is no longer a held-out family |
 | PPO alone (gamma 0.9, lr 3e-4; the config default until 033f33a) | 2 groups: majority group only, 0.63-0.73 of users optimal | - |
@@ -209,6 +210,13 @@ def write(rows: list[dict], out: Path, header: str) -> None:
         lines.append(f"| {s['learner']} | {s['rules']} | {s['learnable_rules']} | {s['null_rules']} | "
                      f"{_fmt(s['median_captured_headroom'])} | {_fmt(s['min_captured_headroom'])} | "
                      f"{_fmt(s['max_null_harm'], '+.3f')} | {s['null_served_fixed']} | {s['passes']} |")
+    earlier = sorted({(r["learner"], r.get("index")) for r in rows
+                      if r.get("gate") and not r["gate"].get("search_split")}, key=lambda x: (x[0], x[1] is None, x[1]))
+    if earlier:
+        lines += ["", "Rows gated by the EARLIER gate, whose fixed prompt was searched on the validation users it "
+                  "was then compared on (biased toward the fixed prompt): " + "; ".join(
+                      f"{name} rules {', '.join(str(i) for n, i in earlier if n == name and i is not None)}"
+                      for name in dict.fromkeys(n for n, _ in earlier)) + ". The others search it on training users."]
     bar = [r for r in rows if "index" not in r]
     if bar:
         lines += ["", "## Genre pass bar (>= 95% of users optimal and >= 95% of the oracle's NDCG)", "",
