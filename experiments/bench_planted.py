@@ -210,13 +210,15 @@ def write(rows: list[dict], out: Path, header: str) -> None:
         lines.append(f"| {s['learner']} | {s['rules']} | {s['learnable_rules']} | {s['null_rules']} | "
                      f"{_fmt(s['median_captured_headroom'])} | {_fmt(s['min_captured_headroom'])} | "
                      f"{_fmt(s['max_null_harm'], '+.3f')} | {s['null_served_fixed']} | {s['passes']} |")
-    earlier = sorted({(r["learner"], r.get("index")) for r in rows
-                      if r.get("gate") and not r["gate"].get("search_split")}, key=lambda x: (x[0], x[1] is None, x[1]))
+    earlier: dict[str, list[int]] = {}  # family rows whose gate searched on the validation users (before a6e2147)
+    for r in rows:
+        if "index" in r and r.get("gate") and not r["gate"].get("search_split"):
+            earlier.setdefault(r["learner"], []).append(r["index"])
     if earlier:
         lines += ["", "Rows gated by the EARLIER gate, whose fixed prompt was searched on the validation users it "
                   "was then compared on (biased toward the fixed prompt): " + "; ".join(
-                      f"{name} rules {', '.join(str(i) for n, i in earlier if n == name and i is not None)}"
-                      for name in dict.fromkeys(n for n, _ in earlier)) + ". The others search it on training users."]
+                      f"{name} rules {', '.join(map(str, sorted(indices)))}" for name, indices in earlier.items())
+                  + ". The others search it on training users."]
     bar = [r for r in rows if "index" not in r]
     if bar:
         lines += ["", "## Genre pass bar (>= 95% of users optimal and >= 95% of the oracle's NDCG)", "",
