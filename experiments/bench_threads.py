@@ -12,7 +12,7 @@ import argparse
 import torch
 
 from rpp.llm.base import RankRequest
-from rpp.llm.local import load_model, score_candidates
+from rpp.llm.local import load_model, reduce_scores, score_candidates
 
 
 def requests(n: int) -> list[RankRequest]:
@@ -31,7 +31,7 @@ def main() -> None:
         sums = {}
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            sums[threads] = [[sum(t) for t in r] for r in score_candidates(model, reqs)]
+            sums[threads] = [reduce_scores(r, "sum") for r in score_candidates(model, reqs)]
         diff = max(abs(a - b) for r1, r2 in zip(sums[1], sums[2]) for a, b in zip(r1, r2))
         same = all(sorted(range(len(a)), key=lambda j: -a[j]) == sorted(range(len(b)), key=lambda j: -b[j])
                    for a, b in zip(sums[1], sums[2]))
