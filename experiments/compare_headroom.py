@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rpp.benchmark.headroom import _boot_idx, _ci, reliability
+from rpp.benchmark.headroom import boot_indices, percentile_ci, reliability
 
 
 def main() -> None:
@@ -31,7 +31,7 @@ def main() -> None:
         print(f"{d.name}: per-user effect reliability (Spearman-Brown) {sb['value']:+.2f} "
               f"[{sb['low']:+.2f}, {sb['high']:+.2f}]; task-wise NDCG@10 {x[:, 0, :].mean():.3f}")
     diff = arrays[1][:, 0, :].mean(1) - arrays[0][:, 0, :].mean(1)
-    ci = _ci(float(diff.mean()), [diff[i].mean() for i in _boot_idx(len(diff), 1000, 0)])
+    ci = percentile_ci(float(diff.mean()), [diff[i].mean() for i in boot_indices(len(diff), 1000, 0)])
     print(f"task-wise NDCG@10, {args.second.name} - {args.first.name}, paired: {ci['value']:+.3f} "
           f"[{ci['low']:+.3f}, {ci['high']:+.3f}]")
 

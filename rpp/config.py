@@ -232,9 +232,9 @@ class PosteriorConfig(_Section):
     numeric feature's bins, the genre shares) by empirical Bayes: the value that maximizes the marginal likelihood
     of the run's samples. Every block starts at the smallest and earns a wider prior from the evidence, so features
     that do not matter, and pairs of agents that do not interact, stay shrunk (automatic relevance determination)."""
-    noise_sd: float = Field(0.2, gt=0)
-    """Assumed standard deviation of a step reward around the model; a smaller value lets one unlucky sample rule a
-    category's best action out for good."""
+    min_noise_sd: float = Field(0.01, gt=0)
+    """Floor on the reward noise sd, which the head estimates from its own residuals at every fit (MacKay's
+    re-estimate, docs/learner.md): a ranker whose rewards are sharp gets a sharp head, a noisy one a cautious one."""
     explore_sd: float = Field(0.03, ge=0)
     """Floor on the prior sds (block_sd) in the posterior the rollout prompts are drawn from; the served head keeps
     the evidence's sds. Empirical Bayes fits the sds to what was tried, so a deviation nobody has tried yet gets

@@ -128,7 +128,7 @@ def test_default_learner_trains_and_writes_a_complete_run_dir(tmp_path):
     fixed = {**gate, "served": "fixed", "reason": "test", "fixed_indices": [1, 0, 1, 0]}
     (run_dir / "gate.json").write_text(json.dumps(fixed))
     result = evaluate(run_dir, steps=1, n_users=4, ranker=ranker)
-    assert result.served == "fixed" and "served: the fixed (test)" in result.table()
+    assert result.served == "fixed" and "served: the fixed prompt (test)" in result.table()
     ids = {p: list(counts) for p, counts in result.action_counts.items()}
     for p, i in zip(("role", "history", "reasoning", "format"), fixed["fixed_indices"]):
         assert result.action_counts[p][ids[p][i]] == 4

@@ -58,7 +58,7 @@ def _posterior_data(rng, n, best_by_bin):
 
 
 def _posterior(basis):
-    return RewardPosterior(NVEC, basis.blocks, intercept_sd=0.3, block_sd=[0.01, 0.03, 0.1, 0.3], noise_sd=0.2,
+    return RewardPosterior(NVEC, basis.blocks, intercept_sd=0.3, block_sd=[0.01, 0.03, 0.1, 0.3], min_noise_sd=0.01,
                            draws=64)
 
 
@@ -103,7 +103,7 @@ def test_empirical_bayes_widens_the_prior_of_the_feature_that_matters_only():
     assert post.log_evidence(np.r_[0.3, post.scales[0]], stats) > post.log_evidence(np.full(4, 0.3), stats)
     loop = 0.0  # the batched evidence is the sum of each model's (Bishop 2006, eq. 3.86)
     for xtx, xtr, rtr, n in zip(*stats):
-        var, s2 = post.prior_var(np.r_[0.3, post.scales[0]]), 0.2 ** 2
+        var, s2 = post.prior_var(np.r_[0.3, post.scales[0]]), post.noise_sd ** 2
         precision = np.diag(1 / var) + xtx / s2
         mean = np.linalg.solve(precision, xtr / s2)
         loop -= 0.5 * (n * np.log(2 * np.pi * s2) + np.log(var).sum() + np.linalg.slogdet(precision)[1]
@@ -114,6 +114,18 @@ def test_empirical_bayes_widens_the_prior_of_the_feature_that_matters_only():
     null.add(phi, actions, 0.2 * rng.standard_normal(len(phi)))
     null.posterior()
     assert (null.scales == 0.01).all() and (null.pair_scales == 0.01).all()
+
+
+def test_the_head_estimates_the_reward_noise_from_its_residuals():
+    """The same rule with reward noise sd 0.05 and about 0.30: the head's noise estimate follows each (a head that
+    kept one assumed noise would be over-cautious on the first or over-confident on the second)."""
+    rng = np.random.default_rng(5)
+    basis, phi, actions, rewards, _ = _posterior_data(rng, 600, best_by_bin=[0, 1, 0])
+    for extra_sd, low, high in ((0.0, 0.04, 0.065), (0.3, 0.25, 0.36)):
+        post = _posterior(basis)
+        post.add(phi, actions, rewards + extra_sd * rng.standard_normal(len(rewards)))
+        post.posterior()
+        assert low < post.noise_sd < high
 
 
 def test_a_joint_rule_is_found_by_the_pairwise_interactions():
@@ -129,7 +141,7 @@ def test_a_joint_rule_is_found_by_the_pairwise_interactions():
     category = rows[:, :3].argmax(1)
     best = np.array([[0, 3], [1, 4], [2, 5]])[category]
     post = RewardPosterior(nvec, head.basis.blocks, intercept_sd=0.3, block_sd=[0.01, 0.03, 0.1, 0.3],
-                           noise_sd=0.2, draws=64, explore_sd=PosteriorConfig().explore_sd)
+                           min_noise_sd=0.01, draws=64, explore_sd=PosteriorConfig().explore_sd)
     for start in range(0, len(rows), 48):
         batch = slice(start, start + 48)
         drawn, _ = post.thompson(phi[batch], rng)

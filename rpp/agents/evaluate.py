@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from rpp.agents.checkpoints import (
     atomic_write_text, jsonable, latest_checkpoint, load_run_config, read_jsonl, write_json,
 )
+from rpp.agents.gate import served_phrase
 from rpp.agents.policy import PATTERNS
 from rpp.config import Config
 from rpp.llm.failures import FailureBudgetExceeded, phase as failure_phase
@@ -125,7 +126,7 @@ class EvalResult:
         mode = "one-shot" if self.steps == 1 else f"{self.steps} greedy steps, last step's ranking"
         lines = [
             f"run {self.run} | split {self.split} | {self.n_users} users | {mode}",
-            f"served: the {self.served} ({self.served_reason})",
+            f"served: {served_phrase(self.served)} ({self.served_reason})",
             f"{'metric':8s}  {'served':27s}  {'task-wise prompt':27s}  {'diff':>8s}  {'p':>7s}",
         ]
         for m in METRIC_NAMES:

@@ -71,6 +71,12 @@ class GatedPolicy:
         return getattr(self.policy, name)
 
 
+def served_phrase(served: str) -> str:
+    """How messages name what a run serves: "the policy" or "the fixed prompt" (gate.json's served is "policy" or
+    "fixed")."""
+    return "the fixed prompt" if served == "fixed" else f"the {served}"
+
+
 BEST_SEEN = 2
 """Whole prompts with the best mean reward in training that the gate also tries as starts (thompson learner)."""
 

@@ -33,6 +33,7 @@ The head's samples and random state travel in the checkpoint, so a resumed run c
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import numpy as np
@@ -66,11 +67,12 @@ class RewardPosterior:
     empirical Bayes fits the sds to what was tried, so without a floor a deviation nobody has tried yet keeps the
     smallest prior and the draws never try it. So a feature, or a pair of agents, earns a wide prior only when the evidence asks
     for it: where no pair interacts, the interactions stay shrunk to 0 and the head is the per-agent one.
-    Noise ~ N(0, noise_sd^2). The samples are kept (not only sufficient statistics) so a checkpoint can hold them
+    Noise ~ N(0, noise_sd^2), with noise_sd re-estimated from the residuals in every round (estimate_noise), never
+    below the configured floor. The samples are kept (not only sufficient statistics) so a checkpoint can hold them
     and refit exactly; the scales are a function of the samples and are refit with them."""
 
     def __init__(self, nvec: list[int], blocks: list[int], intercept_sd: float, block_sd: list[float],
-                 noise_sd: float, draws: int, explore_sd: float = 0.0) -> None:
+                 min_noise_sd: float, draws: int, explore_sd: float = 0.0) -> None:
         self.nvec = [int(n) for n in nvec]
         self.pairs = agent_pairs(len(self.nvec))
         self.blocks = [int(b) for b in blocks]
@@ -78,7 +80,9 @@ class RewardPosterior:
             raise ValueError("reward head: the basis must start with its intercept column (blocks 0, 1, ...)")
         self.dim = self.blocks[-1]
         self.intercept_sd, self.grid = float(intercept_sd), sorted(float(v) for v in block_sd)
-        self.noise_sd, self.draws, self.explore_sd = float(noise_sd), int(draws), float(explore_sd)
+        self.min_noise_sd, self.draws, self.explore_sd = float(min_noise_sd), int(draws), float(explore_sd)
+        self.noise_sd = self.START_NOISE_SD
+        """The noise sd, as last estimated from the samples (posterior())."""
         self.scales = np.full((len(self.nvec), len(self.blocks) - 2), self.grid[0])
         """Per agent, the prior sd of each feature block of its main effects (after the intercept), as last fit."""
         self.pair_scales = np.full((len(self.pairs), len(self.blocks) - 1), self.grid[0])
@@ -155,8 +159,22 @@ class RewardPosterior:
     """Whole-prompt scores held at once by a Thompson draw (rows x draws x prompts)."""
     SWEEPS = 20
     """Backfitting sweeps (each model group refit on what all the others leave)."""
-    ROUNDS = 2
-    """Rounds of (backfit, then refit each model group's block sds on its partial residual) per fit."""
+    ROUNDS = 3
+    """Rounds of (backfit, re-estimate the noise, refit each model group's block sds on its partial residual) per
+    fit."""
+    START_NOISE_SD = 0.2
+    """The noise sd the first round of a fit assumes (the reward's scale: NDCG differences)."""
+
+    def estimate_noise(self, sds: list[np.ndarray], covs: list[np.ndarray], fitted: np.ndarray) -> float:
+        """MacKay's re-estimate of the noise sd (1992; Bishop 2006, eq. 3.95): sqrt(RSS / (n - gamma)), where gamma,
+        the number of weights the samples determine, is sum(1 - posterior var / prior var) over every weight of every
+        model; floored at `min_noise_sd`. A fixed noise sd set for the noisiest ranker makes every deviation look
+        unproven on a sharp one (and the head serve the population's prompt); set for the sharpest, one unlucky
+        sample would rule an action out for good on a noisy one."""
+        rss = float(((self.rewards - fitted.sum(1)) ** 2).sum())
+        gamma = sum(float((1.0 - np.diagonal(cov, axis1=1, axis2=2) / self.prior_var(block_sds)).sum())
+                    for cov, block_sds in zip(covs, sds))
+        return max(self.min_noise_sd, math.sqrt(rss / max(len(self) - gamma, 1.0)))
 
     def _backfit(self, sds: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
         """The joint posterior mean of the additive model under these block sds (one per model group), by
@@ -193,8 +211,10 @@ class RewardPosterior:
 
             self.scales = np.full((n_main, len(self.blocks) - 2), self.grid[0])
             self.pair_scales = np.full((len(self.pairs), len(self.blocks) - 1), self.grid[0])
+            self.noise_sd = self.START_NOISE_SD
             for r in range(self.ROUNDS if len(self) else 0):
-                _, _, fitted = self._backfit(sds())
+                _, covs, fitted = self._backfit(sds())
+                self.noise_sd = self.estimate_noise(sds(), covs, fitted)
                 passes = 2 if r == 0 else 1  # later rounds start from the last round's sds
                 for g in range(len(arms)):
                     stats = self._stats(*arms[g], self.rewards - fitted.sum(1) + fitted[:, g])
@@ -289,7 +309,7 @@ class ThompsonPPO(PPO):
             self._basis_rows = None
         c = self.posterior_config
         self.reward_model = RewardPosterior(list(self.action_space.nvec), list(head.basis.blocks),
-                                            c["intercept_sd"], c["block_sd"], c["noise_sd"], c["draws"],
+                                            c["intercept_sd"], c["block_sd"], c["min_noise_sd"], c["draws"],
                                             c["explore_sd"])
         self.rng = np.random.default_rng([int(self.seed or 0), 0x7B5])
         self._failed = np.zeros((self.n_steps, self.n_envs), dtype=bool)
@@ -391,6 +411,7 @@ class ThompsonPPO(PPO):
         self.policy.head.set_means(*self.reward_model.means())
         self.logger.record("train/failed_steps", int(len(keep) - keep.sum()))
         self.logger.record("train/head_samples", len(self.reward_model))
+        self.logger.record("train/head_noise_sd", self.reward_model.noise_sd)
         for b, scale in enumerate(self.reward_model.scales.max(0)):  # the widest over agents, per block
             self.logger.record(f"train/head_block_sd_{b}", float(scale))
         for b, scale in enumerate(self.reward_model.pair_scales.max(0)):  # the widest over pairs, per block

@@ -29,7 +29,7 @@ from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.utils import set_random_seed
 
-from rpp.agents.gate import safe_improvement_gate
+from rpp.agents.gate import safe_improvement_gate, served_phrase
 from rpp.agents.callbacks import EntropySchedule, ResumableCheckpoint, RolloutMetrics
 from rpp.agents.checkpoints import (
     atomic_write_text, check_resume_config, latest_checkpoint, load_run_config, load_state, read_jsonl,
@@ -199,7 +199,7 @@ def train(cfg: Optional[Config], resume: str | Path | None = None,
         if cfg.data.n_val_users > 0:
             with failure_phase(ranker, "validation gate", cfg.llm.max_failure_rate):
                 gate = safe_improvement_gate(cfg, run_dir, model, ranker, encoder, progress=progress)
-            print(f"gate: serving the {gate['served']} ({gate['reason']})", file=sys.stderr)
+            print(f"gate: serving {served_phrase(gate['served'])} ({gate['reason']})", file=sys.stderr)
     finally:
         if own_ranker:
             ranker.close()

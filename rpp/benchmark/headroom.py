@@ -104,11 +104,14 @@ def half_effects(ndcg) -> tuple[np.ndarray, np.ndarray]:
     return _interaction(x[:, :, a].mean(2)), _interaction(x[:, :, b].mean(2))
 
 
-def _boot_idx(n_users: int, n_boot: int, seed: int) -> np.ndarray:
+def boot_indices(n_users: int, n_boot: int, seed: int) -> np.ndarray:
+    """[n_boot, n_users] user indices drawn with replacement: the bootstrap resamples every CI here shares."""
     return np.random.default_rng([int(seed), 0x4EAD]).integers(0, n_users, size=(n_boot, n_users))
 
 
-def _ci(point: float, draws, alpha: float = 0.05) -> dict:
+def percentile_ci(point: float, draws, alpha: float = 0.05) -> dict:
+    """{"value", "low", "high"}: the point estimate and the percentile (1 - alpha) interval of its bootstrap draws
+    (non-finite draws dropped)."""
     d = np.asarray([v for v in draws if np.isfinite(v)], dtype=np.float64)
     if not d.size or not np.isfinite(point):
         return {"value": point, "low": float("nan"), "high": float("nan")}
@@ -121,11 +124,11 @@ def reliability(ndcg, n_boot: int = 1000, seed: int = 0) -> dict:
     `user_prompt` (per-user prompt effects) and `prompt` (prompt main effects)."""
     x = _check(ndcg)
     r_user, r_prompt = _reliability_point(x)
-    draws = [_reliability_point(x[idx]) for idx in _boot_idx(x.shape[0], n_boot, seed)]
+    draws = [_reliability_point(x[idx]) for idx in boot_indices(x.shape[0], n_boot, seed)]
     out = {}
     for name, point, col in (("user_prompt", r_user, 0), ("prompt", r_prompt, 1)):
-        r = _ci(point, [d[col] for d in draws])
-        sb = _ci(spearman_brown(point), [spearman_brown(d[col]) for d in draws])
+        r = percentile_ci(point, [d[col] for d in draws])
+        sb = percentile_ci(spearman_brown(point), [spearman_brown(d[col]) for d in draws])
         out[name] = {"r": r, "spearman_brown": sb}
     return out
 
@@ -190,16 +193,16 @@ def gains(ndcg, labels: Optional[Mapping[str, np.ndarray]] = None, n_boot: int =
     k_fixed = int(np.argmax(xa.mean(0)))
     per_user = xb[rows, xa.argmax(1)] - xb[:, 0]
     oracle = xb.max(1) - xb[:, 0]
-    idx = _boot_idx(x.shape[0], n_boot, seed)
+    idx = boot_indices(x.shape[0], n_boot, seed)
 
     def fixed_gain(sub_a, sub_b):
         k = int(np.argmax(sub_a.mean(0)))
         return float((sub_b[:, k] - sub_b[:, 0]).mean())
 
-    fixed = _ci(fixed_gain(xa, xb), [fixed_gain(xa[i], xb[i]) for i in idx])
+    fixed = percentile_ci(fixed_gain(xa, xb), [fixed_gain(xa[i], xb[i]) for i in idx])
     out = Gains(taskwise_b=float(xb[:, 0].mean()), fixed_pick=k_fixed, fixed=fixed,
-                per_user=_ci(float(per_user.mean()), [per_user[i].mean() for i in idx]),
-                oracle=_ci(float(oracle.mean()), [oracle[i].mean() for i in idx]),
+                per_user=percentile_ci(float(per_user.mean()), [per_user[i].mean() for i in idx]),
+                oracle=percentile_ci(float(oracle.mean()), [oracle[i].mean() for i in idx]),
                 state=None, state_vs_fixed=None, state_features=[], per_user_gain=per_user)
     if labels:
         labels = {k: np.asarray(v) for k, v in labels.items()}
@@ -208,9 +211,9 @@ def gains(ndcg, labels: Optional[Mapping[str, np.ndarray]] = None, n_boot: int =
                 raise ValueError(f"labels[{name!r}] has {len(lab)} entries for {x.shape[0]} users")
         state, out.state_features = _state_gain(x, labels, seed)
         # the fold assignment and choices are fixed; the CI is over the held-out users' measurements
-        out.state = _ci(float(state.mean()), [state[i].mean() for i in idx])
+        out.state = percentile_ci(float(state.mean()), [state[i].mean() for i in idx])
         over = state - (xb[:, k_fixed] - xb[:, 0])
-        out.state_vs_fixed = _ci(float(over.mean()), [over[i].mean() for i in idx])
+        out.state_vs_fixed = percentile_ci(float(over.mean()), [over[i].mean() for i in idx])
     return out
 
 

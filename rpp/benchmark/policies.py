@@ -102,7 +102,7 @@ def evaluate_policy(ctx: BenchContext, run_dir: str | Path, users: Sequence[User
     Returns (rankings, notes, training usage, refiner stats or None)."""
     from rpp.agents import run_policy
     from rpp.agents.checkpoints import latest_checkpoint
-    from rpp.agents.gate import GatedPolicy, read_gate
+    from rpp.agents.gate import GatedPolicy, read_gate, served_phrase
     from rpp.agents.serving import load_algorithm
     from rpp.envs import StepCore
     from rpp.prompts.refiner import make_refiner
@@ -118,7 +118,7 @@ def evaluate_policy(ctx: BenchContext, run_dir: str | Path, users: Sequence[User
     model = load_algorithm(run_cfg, checkpoint)
     gate = read_gate(run_dir)
     served = GatedPolicy(model.policy, gate)
-    notes.append(f"serves the {served.served}" + (f" ({gate['reason']})" if gate else ""))
+    notes.append(f"serves {served_phrase(served.served)}" + (f" ({gate['reason']})" if gate else ""))
     env_cfg = ctx.cfg.env.model_copy(update={"reward_baseline": "none", "steps_per_episode": int(steps),
                                              "obs_candidates": run_cfg.env.obs_candidates})
     refiner = None
