@@ -228,10 +228,11 @@ class PosteriorConfig(_Section):
     """Prior standard deviation of each action's population effect (rewards are NDCG differences)."""
     block_sd: list[PositiveFloat] = Field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3], min_length=1)
     """Candidate prior standard deviations of the user-dependent deviations (and of the interactions' population
-    effects), one chosen per agent (or pair of agents) and block of the basis (each categorical feature, each
-    numeric feature's bins, the genre shares) by empirical Bayes: the value that maximizes the marginal likelihood
-    of the run's samples. Every block starts at the smallest and earns a wider prior from the evidence, so features
-    that do not matter, and pairs of agents that do not interact, stay shrunk (automatic relevance determination)."""
+    effects), one chosen per action of each agent (or per pair of agents) and block of the basis (each categorical
+    feature, each numeric feature's bins, the genre shares) by empirical Bayes: the value that maximizes the
+    marginal likelihood of the run's samples. Every block starts at the smallest and earns a wider prior from the
+    evidence, so features that do not matter, actions no group prefers, and pairs of agents that do not interact,
+    stay shrunk (automatic relevance determination)."""
     min_noise_sd: float = Field(0.01, gt=0)
     """Floor on the reward noise sd, which the head estimates from its own residuals at every fit (MacKay's
     re-estimate, docs/learner.md): a ranker whose rewards are sharp gets a sharp head, a noisy one a cautious one."""

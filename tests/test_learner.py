@@ -88,32 +88,35 @@ def test_posterior_shrinks_toward_the_population_where_evidence_is_thin():
     assert (greedy[bins == 1] == 2).mean() > 0.9
 
 
-def test_empirical_bayes_widens_the_prior_of_the_feature_that_matters_only():
-    """The rule is on the numeric feature: its block earns a wide prior, the categorical block and the shares stay
-    at the smallest scale; with no rule at all every block stays there. The chosen scales maximize the evidence."""
+def test_empirical_bayes_widens_the_prior_of_the_feature_and_actions_that_matter_only():
+    """The rule is on the numeric feature and makes action 0 or 1 of agent 0 best: their numeric block earns a wide
+    prior; action 2, which no bin prefers, the categorical block and the shares stay at the smallest scale; with
+    no rule at all every block stays there. The chosen scales maximize the evidence."""
     rng = np.random.default_rng(2)
     basis, phi, actions, rewards, _ = _posterior_data(rng, 600, best_by_bin=[0, 1, 0])
     post = _posterior(basis)
     post.add(phi, actions, rewards)
     post.posterior()
-    categorical, numeric, shares = post.scales[0]  # agent 0's main effects
-    assert (post.scales[1:] == 0.01).all()
-    assert numeric >= 0.1 and categorical == shares == 0.01
+    categorical, numeric, shares = post.scales[0].T  # agent 0's main effects, per action
+    assert all((s == 0.01).all() for s in post.scales[1:])
+    assert numeric[:2].min() >= 0.1 and numeric[2] == 0.01
+    assert (categorical == 0.01).all() and (shares == 0.01).all()
+    sds = np.c_[np.full(NVEC[0], 0.3), post.scales[0]]  # per action: intercept, then the blocks
     stats = post._stats(actions[:, 0], NVEC[0], rewards)
-    assert post.log_evidence(np.r_[0.3, post.scales[0]], stats) > post.log_evidence(np.full(4, 0.3), stats)
-    loop = 0.0  # the batched evidence is the sum of each model's (Bishop 2006, eq. 3.86)
-    for xtx, xtr, rtr, n in zip(*stats):
-        var, s2 = post.prior_var(np.r_[0.3, post.scales[0]]), post.noise_sd ** 2
+    assert post.log_evidence(sds, stats) > post.log_evidence(np.full(4, 0.3), stats)
+    loop = 0.0  # the batched evidence is the sum of each model's (Bishop 2006, eq. 3.86), each with its prior
+    for block_sds, xtx, xtr, rtr, n in zip(sds, *stats):
+        var, s2 = post.prior_var(block_sds), post.noise_sd ** 2
         precision = np.diag(1 / var) + xtx / s2
         mean = np.linalg.solve(precision, xtr / s2)
         loop -= 0.5 * (n * np.log(2 * np.pi * s2) + np.log(var).sum() + np.linalg.slogdet(precision)[1]
                        + rtr / s2 - mean @ precision @ mean)
-    assert post.log_evidence(np.r_[0.3, post.scales[0]], stats) == pytest.approx(loop)
+    assert post.log_evidence(sds, stats) == pytest.approx(loop)
     assert (post.pair_scales[:, 1:] == 0.01).all()  # a rule on one agent: no pair's interaction is per user
     null = _posterior(basis)
     null.add(phi, actions, 0.2 * rng.standard_normal(len(phi)))
     null.posterior()
-    assert (null.scales == 0.01).all() and (null.pair_scales == 0.01).all()
+    assert all((s == 0.01).all() for s in null.scales) and (null.pair_scales == 0.01).all()
 
 
 def test_the_head_estimates_the_reward_noise_from_its_residuals():

@@ -59,14 +59,18 @@ class RewardPosterior:
     KDD 2013). Covariances are each group's given the others (the block-diagonal approximation of the joint
     posterior).
 
-    Prior: a main effect's intercept ~ N(0, intercept_sd^2); every other weight ~ N(0, s_b^2) with one s_b per model
-    group (an agent's main effects, a pair's interactions) and block (for the interactions, their intercept block
-    too), chosen from `block_sd` by empirical Bayes (type-II maximum likelihood: the marginal likelihood of the
-    group's partial residual, summed over its models; coordinate ascent over the blocks from the smallest value),
-    between ROUNDS of backfitting. The Thompson draws use the posterior with every such sd floored at `explore_sd`:
+    Prior: a main effect's intercept ~ N(0, intercept_sd^2); every other weight ~ N(0, s_b^2), with one s_b per
+    block and per ACTION for the main effects (each action's deviations from the population: where a rule makes one
+    action best for a few small categories, its prior widens while the actions no group prefers stay shrunk; one sd
+    shared by all of an agent's actions settled between the two and kept the small groups at the population's
+    prompt), and per block and pair of agents for the interactions (their intercept block too). Each is chosen from
+    `block_sd` by empirical Bayes (type-II maximum likelihood: the marginal likelihood of the model's partial
+    residual, summed over a pair's models; coordinate ascent over the blocks from the smallest value), between
+    ROUNDS of backfitting. The Thompson draws use the posterior with every such sd floored at `explore_sd`:
     empirical Bayes fits the sds to what was tried, so without a floor a deviation nobody has tried yet keeps the
-    smallest prior and the draws never try it. So a feature, or a pair of agents, earns a wide prior only when the evidence asks
-    for it: where no pair interacts, the interactions stay shrunk to 0 and the head is the per-agent one.
+    smallest prior and the draws never try it. So a feature, an action or a pair of agents earns a wide prior only
+    when the evidence asks for it: where no pair interacts, the interactions stay shrunk to 0 and the head is the
+    per-agent one.
     Noise ~ N(0, noise_sd^2), with noise_sd re-estimated from the residuals in every round (estimate_noise), never
     below the configured floor. The samples are kept (not only sufficient statistics) so a checkpoint can hold them
     and refit exactly; the scales are a function of the samples and are refit with them."""
@@ -83,8 +87,9 @@ class RewardPosterior:
         self.min_noise_sd, self.draws, self.explore_sd = float(min_noise_sd), int(draws), float(explore_sd)
         self.noise_sd = self.START_NOISE_SD
         """The noise sd, as last estimated from the samples (posterior())."""
-        self.scales = np.full((len(self.nvec), len(self.blocks) - 2), self.grid[0])
-        """Per agent, the prior sd of each feature block of its main effects (after the intercept), as last fit."""
+        self.scales = [np.full((n, len(self.blocks) - 2), self.grid[0]) for n in self.nvec]
+        """Per agent, [n_actions, blocks]: the prior sd of each feature block of each action's main effect (after the
+        intercept), as last fit."""
         self.pair_scales = np.full((len(self.pairs), len(self.blocks) - 1), self.grid[0])
         """Per pair of agents, the prior sd of each block of its interactions (intercept included), as last fit."""
         self.x = np.zeros((0, self.dim), dtype=np.float32)
@@ -108,7 +113,7 @@ class RewardPosterior:
 
     def prior_var(self, block_sds: np.ndarray) -> np.ndarray:
         """Per basis column, the prior variance of its weight, from one sd per block (intercept first)."""
-        return np.repeat(np.asarray(block_sds, dtype=float), np.diff(self.blocks)) ** 2
+        return np.repeat(np.asarray(block_sds, dtype=float), np.diff(self.blocks), axis=-1) ** 2
 
     def _arms(self) -> list[tuple[np.ndarray, int]]:
         """Per model group (each agent, then each pair), the arm of every sample and the number of arms."""
@@ -130,10 +135,10 @@ class RewardPosterior:
         the quadratic term m'Pm = b'P^-1 b = |L^-1 b|^2 with P = LL', b = X'r / noise^2)."""
         xtx, xtr, rtr, n = (th.as_tensor(v, dtype=th.float64) for v in stats)
         var, s2 = th.as_tensor(self.prior_var(block_sds)), self.noise_sd ** 2
-        chol = th.linalg.cholesky(th.diag(1.0 / var)[None] + xtx / s2)
+        chol = th.linalg.cholesky(th.diag_embed(1.0 / var) + xtx / s2)
         z = th.linalg.solve_triangular(chol, (xtr / s2)[..., None], upper=False)[..., 0]
         logdet = 2 * th.log(th.diagonal(chol, dim1=1, dim2=2)).sum(1)
-        return float(-0.5 * (n * np.log(2 * np.pi * s2) + th.log(var).sum() + logdet + rtr / s2
+        return float(-0.5 * (n * np.log(2 * np.pi * s2) + th.log(var).sum(-1) + logdet + rtr / s2
                              - (z * z).sum(1)).sum())
 
     def fit_scales(self, stats: tuple[np.ndarray, ...], fixed: tuple[float, ...], start: np.ndarray,
@@ -186,7 +191,7 @@ class RewardPosterior:
         xtx = [np.stack([x[a == k].T @ x[a == k] for k in range(n)]) for a, n in arms]
         covs = []
         for g, block_sds in enumerate(sds):
-            cov = np.linalg.inv(np.diag(1.0 / self.prior_var(block_sds))[None] + xtx[g] / s2)
+            cov = np.linalg.inv((1.0 / self.prior_var(block_sds))[..., None] * np.eye(self.dim) + xtx[g] / s2)
             covs.append((cov + cov.transpose(0, 2, 1)) / 2)
         fitted = np.zeros((len(self), len(arms)))
         means = [np.zeros((n, self.dim)) for _, n in arms]
@@ -206,23 +211,26 @@ class RewardPosterior:
             n_main, arms = len(self.nvec), self._arms()
 
             def sds(floor: float = 0.0) -> list[np.ndarray]:
-                return ([np.r_[self.intercept_sd, np.maximum(s, floor)] for s in self.scales]
+                return ([np.c_[np.full(len(s), self.intercept_sd), np.maximum(s, floor)] for s in self.scales]
                         + list(np.maximum(self.pair_scales, floor)))
 
-            self.scales = np.full((n_main, len(self.blocks) - 2), self.grid[0])
+            self.scales = [np.full((n, len(self.blocks) - 2), self.grid[0]) for n in self.nvec]
             self.pair_scales = np.full((len(self.pairs), len(self.blocks) - 1), self.grid[0])
             self.noise_sd = self.START_NOISE_SD
             for r in range(self.ROUNDS if len(self) else 0):
                 _, covs, fitted = self._backfit(sds())
                 self.noise_sd = self.estimate_noise(sds(), covs, fitted)
                 passes = 2 if r == 0 else 1  # later rounds start from the last round's sds
-                for g in range(len(arms)):
-                    stats = self._stats(*arms[g], self.rewards - fitted.sum(1) + fitted[:, g])
-                    if g < n_main:
-                        self.scales[g] = self.fit_scales(stats, (self.intercept_sd,), self.scales[g], passes)
-                    else:
+                for g, (arm_of, n_arms) in enumerate(arms):
+                    partial = self.rewards - fitted.sum(1) + fitted[:, g]
+                    if g < n_main:  # each action's own prior: its deviations from the population
+                        for a in np.unique(arm_of):
+                            stats = self._stats(np.where(arm_of == a, 0, -1), 1, partial)
+                            self.scales[g][a] = self.fit_scales(stats, (self.intercept_sd,), self.scales[g][a], passes)
+                    else:  # one prior per pair of agents: their interactions
                         k = g - n_main
-                        self.pair_scales[k] = self.fit_scales(stats, (), self.pair_scales[k], passes)
+                        self.pair_scales[k] = self.fit_scales(self._stats(arm_of, n_arms, partial), (),
+                                                              self.pair_scales[k], passes)
             self._posterior = {}
             for name, floor in (("mean", 0.0), ("explore", self.explore_sd)):
                 means, covs, _ = self._backfit(sds(floor))
@@ -412,7 +420,7 @@ class ThompsonPPO(PPO):
         self.logger.record("train/failed_steps", int(len(keep) - keep.sum()))
         self.logger.record("train/head_samples", len(self.reward_model))
         self.logger.record("train/head_noise_sd", self.reward_model.noise_sd)
-        for b, scale in enumerate(self.reward_model.scales.max(0)):  # the widest over agents, per block
+        for b, scale in enumerate(np.max([s.max(0) for s in self.reward_model.scales], 0)):  # widest, per block
             self.logger.record(f"train/head_block_sd_{b}", float(scale))
         for b, scale in enumerate(self.reward_model.pair_scales.max(0)):  # the widest over pairs, per block
             self.logger.record(f"train/head_pair_block_sd_{b}", float(scale))
