@@ -130,34 +130,43 @@ class RewardPosterior:
         onehot = (arms[:, None] == np.asarray(used)[None]).astype(np.float64)  # [n, m]
         return xtx, (onehot * targets[:, None]).T @ x, onehot.T @ targets ** 2, onehot.sum(0)
 
-    def log_evidence(self, block_sds: np.ndarray, stats: tuple[np.ndarray, ...]) -> float:
-        """log p(targets | block sds), summed over the models whose statistics are given (Bishop 2006, eq. 3.86;
-        the quadratic term m'Pm = b'P^-1 b = |L^-1 b|^2 with P = LL', b = X'r / noise^2)."""
+    def log_evidence(self, block_sds: np.ndarray, stats: tuple[np.ndarray, ...], per_model: bool = False):
+        """log p(targets | block sds) of the models whose statistics are given (Bishop 2006, eq. 3.86; the quadratic
+        term m'Pm = b'P^-1 b = |L^-1 b|^2 with P = LL', b = X'r / noise^2): their sum, or per_model, each one's
+        [m]. block_sds: [blocks], shared by the models, or [m, blocks], each model its own."""
         xtx, xtr, rtr, n = (th.as_tensor(v, dtype=th.float64) for v in stats)
         var, s2 = th.as_tensor(self.prior_var(block_sds)), self.noise_sd ** 2
         chol = th.linalg.cholesky(th.diag_embed(1.0 / var) + xtx / s2)
         z = th.linalg.solve_triangular(chol, (xtr / s2)[..., None], upper=False)[..., 0]
         logdet = 2 * th.log(th.diagonal(chol, dim1=1, dim2=2)).sum(1)
-        return float(-0.5 * (n * np.log(2 * np.pi * s2) + th.log(var).sum(-1) + logdet + rtr / s2
-                             - (z * z).sum(1)).sum())
+        terms = -0.5 * (n * np.log(2 * np.pi * s2) + th.log(var).sum(-1) + logdet + rtr / s2 - (z * z).sum(1))
+        return terms.numpy() if per_model else float(terms.sum())
 
     def fit_scales(self, stats: tuple[np.ndarray, ...], fixed: tuple[float, ...], start: np.ndarray,
                    passes: int) -> np.ndarray:
         """Empirical Bayes over the block sds after the `fixed` ones (class doc): `passes` of coordinate ascent over
-        the grid from `start`. Returns the free sds."""
+        the grid from `start`, which is [blocks] (sds shared by the models whose statistics are given: their
+        evidences summed) or [m, blocks] (each model its own: each model's evidence alone, all stepped at once).
+        Returns the free sds, shaped as `start`."""
         scales = np.array(start, dtype=float)
-        if len(stats[-1]):
-            best = self.log_evidence(np.concatenate([fixed, scales]), stats)
-            for _ in range(passes):
-                for b in range(len(scales)):
-                    for value in self.grid:
-                        if value == scales[b]:
-                            continue
-                        trial = scales.copy()
-                        trial[b] = value
-                        evidence = self.log_evidence(np.concatenate([fixed, trial]), stats)
-                        if evidence > best:
-                            best, scales = evidence, trial
+        own = scales.ndim == 2
+        if not len(stats[-1]):
+            return scales
+
+        def evidence(trial: np.ndarray):
+            head = np.broadcast_to(np.asarray(fixed, dtype=float), (*trial.shape[:-1], len(fixed)))
+            return self.log_evidence(np.concatenate([head, trial], -1), stats, per_model=own)
+
+        best = evidence(scales)
+        for _ in range(passes):
+            for b in range(scales.shape[-1]):
+                for value in self.grid:
+                    trial = scales.copy()
+                    trial[..., b] = value
+                    value_evidence = evidence(trial)
+                    better = value_evidence > best  # [m] when own
+                    best = np.where(better, value_evidence, best) if own else max(best, value_evidence)
+                    scales = np.where(np.asarray(better)[..., None], trial, scales)
         return scales
 
     MAX_SCORES = 4_000_000
@@ -224,9 +233,9 @@ class RewardPosterior:
                 for g, (arm_of, n_arms) in enumerate(arms):
                     partial = self.rewards - fitted.sum(1) + fitted[:, g]
                     if g < n_main:  # each action's own prior: its deviations from the population
-                        for a in np.unique(arm_of):
-                            stats = self._stats(np.where(arm_of == a, 0, -1), 1, partial)
-                            self.scales[g][a] = self.fit_scales(stats, (self.intercept_sd,), self.scales[g][a], passes)
+                        used = np.unique(arm_of)  # the actions with samples, as _stats orders them
+                        self.scales[g][used] = self.fit_scales(self._stats(arm_of, n_arms, partial),
+                                                               (self.intercept_sd,), self.scales[g][used], passes)
                     else:  # one prior per pair of agents: their interactions
                         k = g - n_main
                         self.pair_scales[k] = self.fit_scales(self._stats(arm_of, n_arms, partial), (),
