@@ -13,9 +13,11 @@ A contextual bandit keeps every sample. This learner is one, inside the four act
   so that agents that only pay together (a joint rule) are seen. The intercepts are population effects; every
   other weight is a deviation shrunk toward 0 (a random effect per category or bin), so where a user's evidence is
   thin the head predicts the population's best prompt. Bins make it non-linear: it can carve a middle bucket of a
-  feature. How wide each block's prior is (each feature's, and the interactions'), is chosen by empirical Bayes
-  on all the run's samples (MacKay 1992's evidence, per block: automatic relevance determination), so the features
-  that define no group, and the interactions where no pair of agents interacts, stay shrunk and add no noise.
+  feature. How wide each block's prior is (each feature's for each action, and the interactions' for each pair of
+  agents), is chosen by empirical Bayes on all the run's samples (MacKay 1992's evidence, per block: automatic
+  relevance determination), so the features that define no group, the actions no group prefers, and the
+  interactions where no pair of agents interacts, stay shrunk and add no noise; the reward noise is estimated
+  from the residuals the same way.
 - **Behaviour policy**: every rollout prompt is a Thompson draw (the best whole prompt under one posterior sample;
   Russo et al. 2018), so users whose evidence is thin are explored and users whose evidence is clear are not.
 - **Served policy**: each agent's logits are the head's posterior-mean max-marginal (the best predicted reward of
