@@ -229,8 +229,9 @@ class RewardPosterior:
             self.pair_scales = np.full((len(self.pairs), len(self.blocks) - 1), self.grid[0])
             self.noise_sd = self.START_NOISE_SD
             for r in range(self.ROUNDS if len(self) else 0):
-                _, covs, fitted = self._backfit(sds())
-                self.noise_sd = self.estimate_noise(sds(), covs, fitted)
+                current = sds()
+                _, covs, fitted = self._backfit(current)
+                self.noise_sd = self.estimate_noise(current, covs, fitted)
                 passes = 2 if r == 0 else 1  # later rounds start from the last round's sds
                 for g, (arm_of, n_arms) in enumerate(arms):
                     partial = self.rewards - fitted.sum(1) + fitted[:, g]
