@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import math
 import sys
 import tempfile
@@ -186,10 +187,11 @@ lower bound of (policy - fixed) NDCG@10 on the validation users. The bar: median
 learnable rules, harm <= 0.02 on every null rule."""
 
 
-EARLIER = """## Earlier learners (frozen rows; their code and raw records are in git: commits 672f3f1, db8e263, 9f08aa6, 033f33a and e9bae27)
+EARLIER = """## Earlier learners (frozen rows; their code and raw records are in git: commits 72e27e9, 672f3f1, db8e263, 9f08aa6, 033f33a and e9bae27)
 
 | learner | genre rules, history + reasoning (768 steps, 300 test users) | other rules |
 |---|---|---|
+| thompson with the reward noise estimated but one prior sd per AGENT and block (72e27e9; its rows were planted-noise.md) | 2 groups seeds 0-2: 1.000 / 0.997 / 1.000; 4 groups seeds 0-2: 0.963 / 0.980 / 0.930: 5 of 6 pass | - |
 | thompson with one prior sd per AGENT (shared by its actions) and block, and an assumed reward noise sd 0.2 (672f3f1) | 2 groups seeds 0-2: 1.000 / 1.000 / 1.000; 4 groups seeds 0-2: 0.943 / 0.977 / 0.637 (served fixed, gate bound -0.007): 4 of 6 pass | family seed 20261207: median H 0.94, min H 0.32 (mean_rating g3 role+history joint, 0.593 of users optimal; genre g5 history+reasoning H 0.68), max null harm +0.014; ablations on rules 8, 10, 14, 16, 18: state row off H 0.75 / 0.93 / 0.99 / 0.86 / 1.08, GRU off 0.73 / 0.92 / 0.97 / 0.86 / 1.09 (full 0.74 / 0.94 / 0.97 / 0.87 / 1.07) |
 | the same with the EARLIER gate (its fixed prompt searched on the same validation users it was compared on; db8e263) | 2 groups seeds 0-2: 1.000 / 1.000 / 1.000; 4 groups seeds 0-2: 0.943 / 0.977 / 0.637 (served fixed, gate bound -0.025): 4 of 6 pass | family seed 20261207: median H 0.94, min H 0.02 (genre g5 history+reasoning served a fixed prompt: the policy was ahead by +0.050 on the validation users, bound -0.005; with the fixed prompt searched on training users (672f3f1) it served the policy, H 0.68), null harm -0.004 |
 | thompson with a PER-AGENT head (no pairwise interactions: each agent's model counted the others' choices as noise; block scales by empirical Bayes shared by all agents; 9f08aa6) | 2 groups seeds 0-2: 1.000 / 0.613 (served fixed, gate bound -0.013) / 1.000; 4 groups seeds 0-2: 0.983 / 0.890 / 0.983: 4 of 6 pass | family seed 20261206, 20 rules (11 learnable, 2 null): median H 0.75, min H -0.13, max null harm 0.055: every additive rule served the policy (H 0.62-1.08); both joint learnable rules were served a fixed prompt (H -0.13, -0.01); a joint null rule over three agents served a fixed prompt 5.5% below the reference |
@@ -257,8 +259,10 @@ def main() -> None:
 
     def header() -> str:
         commands = sorted({r.get("command", "") for r in rows} - {""})
-        return ("# The planted check of the learner\n\nMade by (raw rows in `" + jsonl.name + "`; the family seed "
-                f"{args.family_seed} was never used in development):\n\n" + "\n".join(f"    {c}" for c in commands))
+        seeds = sorted({m for c in commands for m in re.findall(r"--family-seed (\d+)", c)}) or [str(args.family_seed)]
+        return ("# The planted check of the learner\n\nMade by (raw rows in `" + jsonl.name + "`; family seed"
+                f"{'s' * (len(seeds) > 1)} {', '.join(seeds)}, never used in development):\n\n"
+                + "\n".join(f"    {c}" for c in commands))
     if not args.replot:
         jobs = []
         if args.family:
