@@ -159,6 +159,9 @@ def plot(rows: list[dict], path: Path) -> None:
         if row["learner"] == "thompson":
             for budget, share in row["told_curve"].items():
                 series.setdefault("told-group bandit (users optimal)", {}).setdefault(int(budget), []).append(share)
+    if not series:  # no row ran with the curve (--no-curve): no figure
+        plt.close(fig)
+        return
     for name, points in series.items():
         xs = sorted(points)
         ax.plot(xs, [np.nanmedian(points[x]) for x in xs], marker="o", label=name)
