@@ -49,7 +49,9 @@ LEARNERS = {
 }
 CURVE = (128, 256, 512, 768)
 LEARNABLE = 0.95
-"""Share of users the told-group bandit must serve their best prompt for a rule to count as learnable."""
+"""Share of users the told-group bandit must serve their best prompt for a rule to count as learnable, and for a
+null rule to count as within the budget (the groups' best prompts are what the best fixed prompt is made of)."""
+MAX_NULL_HARM = 0.02
 
 
 def genre_bar() -> list[tuple[dict, int]]:
@@ -67,7 +69,7 @@ def run(rule: dict, seed: int, learner: str, base_path: str, extra: list[str], c
     base = load_config(base_path, [*LEARNERS[learner][1], *extra])
     references = learner == "thompson"
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = planted_config(base, rule["groups"], seed, tmp, **{k: v for k, v in rule.items() if k != "groups"})
+        cfg = planted_config(base, rule, seed, tmp)
         start = time.perf_counter()
         result = planted_check(cfg, curve=CURVE if curve else (), references=references)
         told_curve = {b: bandit_references(cfg, _ranker(cfg), steps=b)["bandit_told_group"] for b in CURVE} \
@@ -98,8 +100,25 @@ def is_null(row: dict) -> bool:
     return row["rule_spec"]["feature"] == "user_hash"
 
 
+def in_budget(row: dict) -> bool:
+    """The told-group bandit finds >= LEARNABLE of users' best prompts with the run's budget."""
+    return (row.get("bandit_told_group") or 0) >= LEARNABLE
+
+
 def learnable(row: dict) -> bool:
-    return not is_null(row) and (row.get("bandit_told_group") or 0) >= LEARNABLE
+    return not is_null(row) and in_budget(row)
+
+
+def kind(row: dict) -> str:
+    if is_null(row):
+        return "null" if in_budget(row) else "null, beyond budget"
+    return "learnable" if learnable(row) else "not learnable"
+
+
+def family_seed(row: dict) -> str:
+    """The family seed a rule row was drawn from (its command's --family-seed)."""
+    found = re.findall(r"--family-seed (\d+)", row.get("command", ""))
+    return found[0] if found else "?"
 
 
 def rule_name(row: dict) -> str:
@@ -116,10 +135,11 @@ def table(rows: list[dict]) -> str:
     out = ["| # | rule (feature, groups, agents, interaction, noise) | seed | learner | kind | told bandit | probe lin / mlp "
            "| served | users optimal | NDCG / oracle | H | harm | harm vs upper bound | distinct prompts | gate LCB |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    several = len({family_seed(r) for r in rows if "index" in r}) > 1  # then # names the family seed too
     for row in rows:
-        kind = "null" if is_null(row) else ("learnable" if learnable(row) else "not learnable")
         gate = row.get("gate") or {}
-        out.append(f"| {row.get('index', '')} | {rule_name(row)} | {row['seed']} | {row['learner']} | {kind} | "
+        number = f"{family_seed(row)}/{row['index']}" if several and "index" in row else row.get("index", "")
+        out.append(f"| {number} | {rule_name(row)} | {row['seed']} | {row['learner']} | {kind(row)} | "
                    f"{_fmt(row.get('bandit_told_group'))} | {_fmt(row.get('group_ceiling'))} / "
                    f"{_fmt(row.get('group_ceiling_mlp'))} | {row['served']} | {row['optimal_share']:.3f} | "
                    f"{row['ndcg_vs_oracle']:.3f} | {_fmt(row['captured_headroom'])} | {row['harm']:+.3f} | "
@@ -132,15 +152,19 @@ def summarize(rows: list[dict], learner: str) -> dict:
     mine = [r for r in rows if r["learner"] == learner and "index" in r]
     h = [r["captured_headroom"] for r in mine if learnable(r) and not math.isnan(r["captured_headroom"])]
     harm = [r["harm"] for r in mine if is_null(r)]
+    harm_in_budget = [r["harm"] for r in mine if is_null(r) and in_budget(r)]
     return {"learner": learner, "rules": len(mine), "learnable_rules": len(h), "null_rules": len(harm),
+            "null_rules_in_budget": len(harm_in_budget),
             "median_captured_headroom": float(np.median(h)) if h else None,
             "min_captured_headroom": float(np.min(h)) if h else None,
             "max_null_harm": float(np.max(harm)) if harm else None,
+            "max_null_harm_in_budget": float(np.max(harm_in_budget)) if harm_in_budget else None,
             "max_null_harm_vs_upper_bound": max((r["harm_vs_upper_bound"] for r in mine if is_null(r)), default=None),
             "learnable_served_policy": sum(r["served"] == "policy" for r in mine if learnable(r)),
             "null_served_fixed": sum(r["served"] == "fixed" for r in mine if is_null(r)),
             "passes": bool(h) and float(np.median(h)) >= 0.8 and float(np.min(h)) >= 0.3
-                      and (not harm or float(np.max(harm)) <= 0.02)}
+                      and (not harm_in_budget or float(np.max(harm_in_budget)) <= MAX_NULL_HARM),
+            "every_null_rule_within_bar": not harm or float(np.max(harm)) <= MAX_NULL_HARM}
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -186,8 +210,12 @@ fixed prompt chosen on the run's validation users (gate_users of them, every com
 scored on the test users, the reference a benchmark user gets; *harm vs upper bound*, the same against the
 label-chosen best fixed prompt, which selects on the test users' own noise and group shares (on a 5-group null
 rule, the fixed prompt best for the training users scored 12% below it); *gate LCB*, the gate's one-sided 95%
-lower bound of (policy - fixed) NDCG@10 on the validation users. The bar: median H >= 0.8 and min H >= 0.3 over
-learnable rules, harm <= 0.02 on every null rule."""
+lower bound of (policy - fixed) NDCG@10 on the validation users. *null, beyond budget*: a null rule whose groups'
+best prompts the told bandit does not find (< 0.95) with the budget, so no learner can be expected to find the best
+fixed prompt, which is one of them (e.g. a group prompt joint over all four agents is 1 of 1,050 whole prompts: 768
+uniform samples try it on a user of its group with probability about 1 - (1 - 1/1050)^768 = 0.52). The bar: median
+H >= 0.8 and min H >= 0.3 over learnable rules, harm <= 0.02 on every null rule within the budget; the harm of the
+others is reported beside it ("max null harm, all")."""
 
 
 EARLIER = """## Earlier learners (frozen rows; their code and raw records are in git: commits 72e27e9, 672f3f1, db8e263, 9f08aa6, 033f33a and e9bae27)
@@ -210,11 +238,13 @@ def write(rows: list[dict], out: Path, header: str) -> None:
     share_references(rows)
     summaries = [summarize(rows, name) for name in LEARNERS if any(r["learner"] == name for r in rows)]
     lines = [header, "", DEFINITIONS, "", "## Summary (family rules; H over learnable rules, harm over null rules)", "",
-             "| learner | rules | learnable | null | median H | min H | max null harm | null rules served fixed "
-             "| meets the bar |", "|---|---|---|---|---|---|---|---|---|"]
+             "| learner | rules | learnable | null (in budget) | median H | min H | max null harm, in budget "
+             "| max null harm, all | null rules served fixed | meets the bar |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
-        lines.append(f"| {s['learner']} | {s['rules']} | {s['learnable_rules']} | {s['null_rules']} | "
-                     f"{_fmt(s['median_captured_headroom'])} | {_fmt(s['min_captured_headroom'])} | "
+        lines.append(f"| {s['learner']} | {s['rules']} | {s['learnable_rules']} | {s['null_rules']} "
+                     f"({s['null_rules_in_budget']}) | {_fmt(s['median_captured_headroom'])} | "
+                     f"{_fmt(s['min_captured_headroom'])} | {_fmt(s['max_null_harm_in_budget'], '+.3f')} | "
                      f"{_fmt(s['max_null_harm'], '+.3f')} | {s['null_served_fixed']} | {s['passes']} |")
     earlier: dict[str, list[int]] = {}  # family rows whose gate searched on the validation users (before a6e2147)
     for r in rows:

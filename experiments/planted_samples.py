@@ -46,8 +46,7 @@ def main() -> None:
     rule = draw_family(20, args.family_seed)[args.rule]
     print("rule", rule)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = planted_config(load_config(args.config, []), rule["groups"], 0, tmp,
-                             **{k: v for k, v in rule.items() if k != "groups"})
+        cfg = planted_config(load_config(args.config, []), rule, 0, tmp)
         ranker = make_ranker(cfg)
         run_dir = train(cfg, progress=False, ranker=ranker)
         model = load_algorithm(cfg, latest_checkpoint(run_dir))

@@ -312,15 +312,16 @@ def draw_family(n: int, family_seed: int, null_share: float = 0.25) -> list[dict
     return rules
 
 
-def planted_config(base: Config, groups: int, seed: int, runs_dir: str | Path, **rule) -> Config:
-    """`base` (e.g. experiments/ml100k.yaml) with the planted ranker in place of the LLM; everything the learner
-    sees and its whole budget stay as configured."""
+def planted_config(base: Config, rule: dict, seed: int, runs_dir: str | Path) -> Config:
+    """`base` (e.g. experiments/ml100k.yaml) with the planted ranker for `rule` (llm.planted keys: feature,
+    agents, groups, interaction, noise; a draw_family entry) in place of the LLM; everything the learner sees and
+    its whole budget stay as configured."""
     cfg = base.model_copy(deep=True)
-    cfg.name = f"planted-g{groups}-s{seed}"
+    cfg.llm.planted = cfg.llm.planted.model_copy(update=rule)
+    cfg.name = f"planted-g{cfg.llm.planted.groups}-s{seed}"
     cfg.seed = seed
     cfg.llm.backend = "planted"
     cfg.llm.seed = seed
-    cfg.llm.planted = cfg.llm.planted.model_copy(update={"groups": groups, **rule})
     cfg.train.check_users = 0
     cfg.train.runs_dir = str(runs_dir)
     return cfg
