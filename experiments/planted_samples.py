@@ -7,10 +7,16 @@ then reads the reward head's training samples from the last checkpoint and print
 whole prompts, for each group its best prompt and the rewards of the samples that used it on the rule's agents, the
 reward quantiles, the best whole prompts seen (what the gate may start from) and the gate's decision. It explains a
 rule the learner missed: a prompt that was never sampled cannot be found by the head or the gate.
+
+Then, on the test users, the fixed prompts that judge a null rule: the served one, the bench's reference (every
+combination of the RULE's agents, the others task-wise, best on the gate's validation users), the same chosen over
+every whole prompt of all four agents (a chooser that does not know which agents the rule uses), and the best on the
+gate's search users among the head's top-K whole prompts by population-mean prediction (K = 1, 3, 5, 10).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import tempfile
@@ -39,6 +45,8 @@ def main() -> None:
     from rpp.agents.serving import load_algorithm
     from rpp.agents.train import train
     from rpp.config import load_config
+    from rpp.data import load_dataset, split_users
+    from rpp.envs import make_core
     from rpp.llm import make_ranker
     from rpp.prompts import PATTERNS
 
@@ -52,6 +60,10 @@ def main() -> None:
         model = load_algorithm(cfg, latest_checkpoint(run_dir))
         gate = read_gate(run_dir)
         model.load_learner_state(load_state(latest_checkpoint(run_dir))["learner"])
+        train_core = make_core(cfg, "train", ranker=ranker)
+        with torch.no_grad():
+            basis = model.policy.head.basis(torch.as_tensor(
+                np.stack([train_core.user_rows(s)[0] for s in train_core.samples]), dtype=torch.float32))
     head = model.reward_model
     ids = {p: [a.id for a in ranker.action_set.actions[p]] for p in PATTERNS}
     sizes = Counter(ranker.group.values())
@@ -67,6 +79,31 @@ def main() -> None:
     print("best_seen(4, min_samples=1)", head.best_seen(4, 1))
     print("best_seen(2, min_samples=2)", head.best_seen(2, 2))
     print("gate", json.dumps({k: gate[k] for k in ("served", "reason", "fixed_actions", "starts")}))
+
+    split = split_users(load_dataset(cfg.data), cfg.data, cfg.seed)
+    k, n = cfg.env.reward_k, cfg.train.gate_users
+    search, val, test = ([s.user for s in split.train][:n], [s.user for s in split.val][:n],
+                         [s.user for s in split.test])
+    taskwise = {p: a.id for p, a in train_core.builder.taskwise().items()}
+
+    def mean(users, actions) -> float:
+        return float(np.mean([ranker.ndcg(u, actions, k) for u in users]))
+
+    def best_on(users, agents) -> dict:
+        combos = [{**taskwise, **dict(zip(agents, c))} for c in itertools.product(*(ids[p] for p in agents))]
+        return max(combos, key=lambda a: mean(users, a))
+
+    reference = mean(test, best_on(val, ranker.rule.agents))
+    print(f"test NDCG@{k}: served fixed prompt {mean(test, gate['fixed_actions']):.4f}; reference (rule's agents) "
+          f"{reference:.4f}; chosen over all four agents {mean(test, best_on(val, PATTERNS)):.4f}")
+    order = np.argsort(-head.scores(basis.numpy().mean(0)[None]).reshape(-1).numpy())
+    whole = [dict(zip(PATTERNS, (ids[p][int(i)] for p, i in zip(PATTERNS, np.unravel_index(f, head.nvec)))))
+             for f in order[:10]]
+    for top in (1, 3, 5, 10):
+        pick = max(whole[:top], key=lambda a: mean(search, a))
+        value = mean(test, pick)
+        print(f"best of the head's top {top} on {len(search)} search users: {value:.4f} "
+              f"(harm {(reference - value) / reference:+.3f})")
 
 
 if __name__ == "__main__":
