@@ -12,7 +12,6 @@ No training and no LLM: the planted ranker answers every request (a few seconds 
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 import tempfile
 from pathlib import Path
@@ -25,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 def floors(cfg, users: tuple[int, ...]) -> dict[int, float]:
     """{N: (reference - chosen on the first N training users) / reference}, NDCG@reward_k on the test users."""
+    from rpp.agents.planted import best_fixed_prompt
     from rpp.data import load_dataset, split_users
     from rpp.llm import make_ranker
     from rpp.prompts import PromptBuilder
@@ -36,15 +36,14 @@ def floors(cfg, users: tuple[int, ...]) -> dict[int, float]:
     taskwise = {p: a.id for p, a in PromptBuilder(ranker.action_set, cfg.prompt, cfg.data.item_noun)
                 .taskwise().items()}
     agents = ranker.rule.agents
-    combos = [{**taskwise, **dict(zip(agents, c))}
-              for c in itertools.product(*([a.id for a in ranker.action_set.actions[p]] for p in agents))]
+    k = cfg.env.reward_k
 
-    def means(on):  # [combos]: mean NDCG of each fixed prompt on these users
-        return np.array([np.mean([ranker.ndcg(u, a, cfg.env.reward_k) for u in on]) for a in combos])
+    def on_test(users) -> float:  # the test users' mean NDCG@k of the fixed prompt chosen on `users`
+        actions = best_fixed_prompt(ranker, users, agents, taskwise, k)[1]
+        return float(np.mean([ranker.ndcg(u, actions, k) for u in test]))
 
-    on_test = means(test)
-    reference = on_test[int(np.argmax(means(val)))]
-    return {n: float((reference - on_test[int(np.argmax(means(train[:n])))]) / reference) for n in users}
+    reference = on_test(val)
+    return {n: (reference - on_test(train[:n])) / reference for n in users}
 
 
 def main() -> None:

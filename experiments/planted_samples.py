@@ -16,7 +16,6 @@ gate's search users among the head's top-K whole prompts by population-mean pred
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 import tempfile
@@ -41,7 +40,7 @@ def main() -> None:
 
     from rpp.agents.checkpoints import latest_checkpoint, load_state
     from rpp.agents.gate import read_gate
-    from rpp.agents.planted import draw_family, planted_config
+    from rpp.agents.planted import best_fixed_prompt, draw_family, planted_config
     from rpp.agents.serving import load_algorithm
     from rpp.agents.train import train
     from rpp.config import load_config
@@ -89,13 +88,10 @@ def main() -> None:
     def mean(users, actions) -> float:
         return float(np.mean([ranker.ndcg(u, actions, k) for u in users]))
 
-    def best_on(users, agents) -> dict:
-        combos = [{**taskwise, **dict(zip(agents, c))} for c in itertools.product(*(ids[p] for p in agents))]
-        return max(combos, key=lambda a: mean(users, a))
-
-    reference = mean(test, best_on(val, ranker.rule.agents))
+    reference = mean(test, best_fixed_prompt(ranker, val, ranker.rule.agents, taskwise, k)[1])
+    every_agent = mean(test, best_fixed_prompt(ranker, val, PATTERNS, taskwise, k)[1])
     print(f"test NDCG@{k}: served fixed prompt {mean(test, gate['fixed_actions']):.4f}; reference (rule's agents) "
-          f"{reference:.4f}; chosen over all four agents {mean(test, best_on(val, PATTERNS)):.4f}")
+          f"{reference:.4f}; chosen over all four agents {every_agent:.4f}")
     order = np.argsort(-head.scores(basis.numpy().mean(0)[None]).reshape(-1).numpy())
     whole = [dict(zip(PATTERNS, (ids[p][int(i)] for p, i in zip(PATTERNS, np.unravel_index(f, head.nvec)))))
              for f in order[:10]]

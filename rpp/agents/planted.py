@@ -235,21 +235,11 @@ def summarize_planted(ranker, core, records: list[dict], k: int = 10, gate: dict
     policy_ndcg = np.array([r["metrics"][f"ndcg@{k}"] for r in records])
     oracle = np.array([ranker.ndcg(u, {**taskwise, **ranker.optimal_actions(u)}, k) for u in users])
     taskwise_ndcg = np.array([ranker.ndcg(u, taskwise, k) for u in users])
-    ids = {p: [a.id for a in core.action_set.actions[p]] for p in rule.agents}
-    def best_combo_on(on_users) -> tuple[float, dict]:
-        best, chosen = -1.0, None
-        for combo in itertools.product(*(ids[p] for p in rule.agents)):
-            actions = {**taskwise, **dict(zip(rule.agents, combo))}
-            value = float(np.mean([ranker.ndcg(u, actions, k) for u in on_users]))
-            if value > best:
-                best, chosen = value, actions
-        return best, chosen
-
-    best_fixed, best_actions = best_combo_on(users)
+    best_fixed, best_actions = best_fixed_prompt(ranker, users, rule.agents, taskwise, k)
     best_combo = {p: best_actions[p] for p in rule.agents}
     reference = best_fixed
     if len(reference_users):
-        _, val_actions = best_combo_on(reference_users)
+        _, val_actions = best_fixed_prompt(ranker, reference_users, rule.agents, taskwise, k)
         reference = float(np.mean([ranker.ndcg(u, val_actions, k) for u in users]))
     distinct, bits = choice_diversity(tuple(sorted(r["actions"].items())) for r in records)
     groups = Counter(ranker.group[u] for u in users)
@@ -274,6 +264,20 @@ def summarize_planted(ranker, core, records: list[dict], k: int = 10, gate: dict
         "distinct_prompts": distinct,
         "prompt_entropy_bits": bits,
     }
+
+
+def best_fixed_prompt(ranker, users: Sequence, agents: Sequence[str], base: dict[str, str],
+                      k: int) -> tuple[float, dict[str, str]]:
+    """The fixed prompt with the best mean NDCG@k on `users` among `base` (action ids of every agent) with every
+    combination of `agents`' actions (the first on ties), and that mean."""
+    ids = [[a.id for a in ranker.action_set.actions[p]] for p in agents]
+    best, chosen = -1.0, dict(base)
+    for combo in itertools.product(*ids):
+        actions = {**base, **dict(zip(agents, combo))}
+        value = float(np.mean([ranker.ndcg(u, actions, k) for u in users]))
+        if value > best:
+            best, chosen = value, actions
+    return best, chosen
 
 
 def captured_headroom(served: float, best_fixed: float, oracle: float) -> float:
