@@ -218,10 +218,11 @@ H >= 0.8 and min H >= 0.3 over learnable rules, harm <= 0.02 on every null rule 
 others is reported beside it ("max null harm, all")."""
 
 
-EARLIER = """## Earlier learners (frozen rows; their code and raw records are in git: commits 72e27e9, 672f3f1, db8e263, 9f08aa6, 033f33a and e9bae27)
+EARLIER = """## Earlier learners (frozen rows; their code and raw records are in git: commits 72e27e9, 672f3f1, db8e263, 9f08aa6, 033f33a, e9bae27, ec52314 and 90268dc)
 
 | learner | genre rules, history + reasoning (768 steps, 300 test users) | other rules |
 |---|---|---|
+| today's learner with the gate's search started from the head's FIVE population-best whole prompts, not one (fd19b68; rows in ec52314 and 90268dc) | unchanged: 6 of 6 pass | family seed 20261207 unchanged (median H 0.89, min 0.46, null harm +0.014) but for a null rule beyond the budget (harm +0.232 -> +0.201); held-out (planted-heldout.md's 33 rules): learnable rules unchanged, 8 of 17 null rules moved, 3 better and 5 worse: in budget +0.016 -> -0.101, -0.036 -> -0.062, -0.069 -> -0.066, -0.084 -> -0.079, +0.029 -> +0.045 (max in budget +0.029 -> +0.045); beyond it +0.499 -> +0.484, +0.352 -> +0.383, +0.379 -> +0.413. Not kept |
 | thompson with the reward noise estimated but one prior sd per AGENT and block (72e27e9; its rows were planted-noise.md) | 2 groups seeds 0-2: 1.000 / 0.997 / 1.000; 4 groups seeds 0-2: 0.963 / 0.980 / 0.930: 5 of 6 pass | - |
 | thompson with one prior sd per AGENT (shared by its actions) and block, and an assumed reward noise sd 0.2 (672f3f1) | 2 groups seeds 0-2: 1.000 / 1.000 / 1.000; 4 groups seeds 0-2: 0.943 / 0.977 / 0.637 (served fixed, gate bound -0.007): 4 of 6 pass | family seed 20261207: median H 0.94, min H 0.32 (mean_rating g3 role+history joint, 0.593 of users optimal; genre g5 history+reasoning H 0.68), max null harm +0.014; ablations on rules 8, 10, 14, 16, 18: state row off H 0.75 / 0.93 / 0.99 / 0.86 / 1.08, GRU off 0.73 / 0.92 / 0.97 / 0.86 / 1.09 (full 0.74 / 0.94 / 0.97 / 0.87 / 1.07) |
 | the same with the EARLIER gate (its fixed prompt searched on the same validation users it was compared on; db8e263) | 2 groups seeds 0-2: 1.000 / 1.000 / 1.000; 4 groups seeds 0-2: 0.943 / 0.977 / 0.637 (served fixed, gate bound -0.025): 4 of 6 pass | family seed 20261207: median H 0.94, min H 0.02 (genre g5 history+reasoning served a fixed prompt: the policy was ahead by +0.050 on the validation users, bound -0.005; with the fixed prompt searched on training users (672f3f1) it served the policy, H 0.68), null harm -0.004 |

@@ -9,7 +9,7 @@ import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.vec_env import DummyVecEnv
 
-from rpp.agents.gate import BEST_SEEN, POPULATION_TOP, GatedPolicy, _learner_picks, coordinate_ascent, lower_bound
+from rpp.agents.gate import GatedPolicy, coordinate_ascent, lower_bound
 from rpp.agents.learner import RewardPosterior, ThompsonPPO
 from rpp.agents.policy import FourAgentPolicy, PosteriorHead, UserBasis
 from rpp.config import PosteriorConfig
@@ -301,29 +301,3 @@ def test_the_best_whole_prompts_seen_in_training_are_gate_starts():
     post.add(np.ones((len(actions), basis.dim)), actions, rewards)
     seen = post.best_seen(3)
     assert len(seen) == 3 and all(s[:2] == [2, 1] for s in seen)
-
-
-def test_the_gate_starts_from_the_heads_top_whole_prompts():
-    """population_best(rows, top) gives the `top` whole prompts with the best population-mean prediction, best first;
-    the gate starts from POPULATION_TOP of them and the BEST_SEEN best seen in training."""
-    model = make_learner().learn(160)
-    users = BinEnv(seed=7)
-    rows = np.stack([users._obs()[1] for _ in range(50)])
-    with th.no_grad():
-        basis = model.policy.head.basis(th.as_tensor(rows)).numpy().mean(0)
-    scores = np.asarray(model.reward_model.scores(basis[None])).reshape(-1)
-    top = model.population_best(rows, 5)
-    flat = [int(np.ravel_multi_index(t, NVEC)) for t in top]
-    assert len(set(flat)) == 5 and flat[0] == int(scores.argmax())
-    assert np.all(np.diff(scores[flat]) <= 0) and scores[flat[-1]] >= np.sort(scores)[-5]
-    assert model.population_best(rows) == top[:1]
-
-    class TrainCore:
-        samples = list(range(len(rows)))
-
-        def user_rows(self, sample):
-            return rows[sample][None]  # [C - 1, D]: the first row is the user row
-
-    picks = _learner_picks(model, TrainCore(), batch_size=16)
-    assert picks[:POPULATION_TOP] == model.population_best(rows, POPULATION_TOP)
-    assert len(picks) == POPULATION_TOP + BEST_SEEN

@@ -4,11 +4,11 @@ confidence; otherwise it serves that fixed prompt.
 At the end of `rpp train`, on VALIDATION users (never test users; the first train.gate_users of them):
 1. the reference, the best fixed prompt, chosen WITHOUT those users' labels: one pass of coordinate ascent on as
    many TRAINING users. It starts from the best of the task-wise prompt and the learner's own picks (for the
-   thompson learner, the POPULATION_TOP whole prompts whose posterior-mean reward, main effects plus pairwise
-   interactions, averaged over the training users is highest, ThompsonPPO.population_best, and the BEST_SEEN whole
-   prompts with the best mean reward in training; for PPO alone, the combination its greedy policy gives most often on the
+   thompson learner, the whole prompt whose posterior-mean reward, main effects plus pairwise interactions,
+   averaged over the training users is highest, ThompsonPPO.population_best, and the BEST_SEEN whole prompts with
+   the best mean reward in training; for PPO alone, the combination its greedy policy gives most often on the
    training users), then for each agent in turn tries every one of its actions with the others held and keeps the
-   best. That is up to 1 + POPULATION_TOP + BEST_SEEN + sum(n_actions - 1) fixed prompts, one request per training user each. A fixed prompt
+   best. That is up to 4 + sum(n_actions - 1) fixed prompts, one request per training user each. A fixed prompt
    picked from the learner's estimates alone can be far from the best one: with several equally common user
    groups, which prompt is best for everybody depends on the groups' exact shares, and on a null planted rule the
    head's pick served 5-10% below the best fixed prompt;
@@ -77,22 +77,18 @@ def served_phrase(served: str) -> str:
     return "the fixed prompt" if served == "fixed" else f"the {served}"
 
 
-POPULATION_TOP = 5
-"""Whole prompts with the head's best population-mean predictions that the gate tries as starts (thompson learner).
-The head's top 1 alone missed the best fixed prompt of a joint null rule that its top 5 held (docs/learner.md)."""
-
 BEST_SEEN = 2
 """Whole prompts with the best mean reward in training that the gate also tries as starts (thompson learner)."""
 
 
 def _learner_picks(model, train_core, batch_size: int) -> list[list[int]]:
-    """The learner's candidates for the best fixed prompt, its population pick first (module doc): for the thompson
-    learner the head's POPULATION_TOP best whole prompts, then the BEST_SEEN with the best mean reward in training."""
+    """The learner's candidates for the best fixed prompt: its population pick first (module doc), then for the
+    thompson learner the BEST_SEEN whole prompts with the best mean reward in training."""
     from rpp.agents.learner import ThompsonPPO
 
     if isinstance(model, ThompsonPPO):
         rows = np.stack([train_core.user_rows(s)[0] for s in train_core.samples])
-        return [*model.population_best(rows, POPULATION_TOP), *model.reward_model.best_seen(BEST_SEEN)]
+        return [model.population_best(rows), *model.reward_model.best_seen(BEST_SEEN)]
     counts: Counter = Counter()
     for start in range(0, len(train_core.samples), batch_size):
         _, obs = train_core.reset(train_core.samples[start:start + batch_size])

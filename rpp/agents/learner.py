@@ -448,13 +448,12 @@ class ThompsonPPO(PPO):
 
     # ------------------------------------------------------------------ label-free population choice
 
-    def population_best(self, user_rows: np.ndarray, top: int = 1) -> list[list[int]]:
-        """The `top` whole prompts whose posterior-mean reward (main effects plus interactions) averaged over these
-        users (their user rows, [N, D]) is highest, best first: the best fixed prompts by the head, chosen without
-        any evaluation user's label (the gate's starts)."""
+    def population_best(self, user_rows: np.ndarray) -> list[int]:
+        """The whole prompt whose posterior-mean reward (main effects plus interactions) averaged over these users
+        (their user rows, [N, D]) is highest: the best fixed prompt by the head, chosen without any evaluation
+        user's label (the gate's reference)."""
         with th.no_grad():
             mean_basis = self.policy.head.basis(th.as_tensor(user_rows, dtype=th.float32, device=self.device)
                                                 ).cpu().numpy().mean(0)
-        scores = np.asarray(self.reward_model.scores(mean_basis[None])).reshape(-1)
-        best = np.argsort(-scores, kind="stable")[:top]
-        return [[int(a) for a in np.unravel_index(int(f), self.reward_model.nvec)] for f in best]
+        best = int(self.reward_model.scores(mean_basis[None]).reshape(-1).argmax())
+        return [int(a) for a in np.unravel_index(best, self.reward_model.nvec)]

@@ -29,14 +29,14 @@ from rpp.prompts.actions import PATTERNS
 def training_cost(cfg: Config) -> int:
     """Ranker requests a training run with this config makes before caching: the environment steps, the
     pre-training ranker check and the safe-improvement gate (rpp.config.TrainConfig.gate_users)."""
-    from rpp.agents.gate import BEST_SEEN, POPULATION_TOP
+    from rpp.agents.gate import BEST_SEEN
     from rpp.prompts import load_action_set
 
     sizes = load_action_set(cfg.prompt.action_spaces).sizes()
     gate_users = cfg.train.gate_users if cfg.train.gate_users is not None else cfg.data.n_val_users
-    # the gate at most: on training users the search (task-wise, the learner's POPULATION_TOP and BEST_SEEN starts, each
+    # the gate at most: on training users the search (task-wise, the learner's pick and BEST_SEEN starts, each
     # agent's other actions), on validation users the chosen fixed prompt and the policy
-    per_gate_user = 1 + POPULATION_TOP + BEST_SEEN + sum(s - 1 for s in sizes) + 1 + (cfg.eval.steps or 1)
+    per_gate_user = 2 + BEST_SEEN + sum(s - 1 for s in sizes) + 1 + (cfg.eval.steps or 1)
     return int(cfg.train.total_steps + cfg.train.check_users + gate_users * per_gate_user)
 
 
