@@ -218,10 +218,11 @@ H >= 0.8 and min H >= 0.3 over learnable rules, harm <= 0.02 on every null rule 
 others is reported beside it ("max null harm, all")."""
 
 
-EARLIER = """## Earlier learners (frozen rows; their code and raw records are in git: commits 72e27e9, 672f3f1, db8e263, 9f08aa6, 033f33a, e9bae27, ec52314 and 90268dc)
+EARLIER = """## Earlier learners (frozen rows; their code and raw records are in git: commits 72e27e9, 672f3f1, db8e263, 9f08aa6, 033f33a, e9bae27, ec52314, 90268dc and e2e40b6)
 
 | learner | genre rules, history + reasoning (768 steps, 300 test users) | other rules |
 |---|---|---|
+| today's learner with the gate's fixed prompt searched on 50 training users (as many as gate users), not all 200 (e2e40b6; its rows are in planted.jsonl before this change) | 6 of 6 pass: 2 groups 1.000 / 1.000 / 0.993, 4 groups 0.963 / 0.980 / 0.987 | family seed 20261207: median H 0.89, min 0.46, null harm +0.014; held-out (planted-heldout.md), the 13 null rules within the budget, harm with 50 -> 200 search users: 2/1 -0.036 -> -0.066, 2/2 -0.084 -> -0.089, 2/5 -0.079 -> -0.079, 2/8 +0.023 -> -0.021, 2/17 -0.047 -> -0.079, 3/1 +0.016 -> -0.122, 3/10 -0.141 -> -0.141, 3/14 -0.069 -> -0.068, 3/18 +0.029 -> -0.019, 4/9 -0.088 -> -0.089, 4/10 +0.014 -> -0.101, 4/11 -0.024 -> -0.073, 4/12 -0.007 -> -0.090: with 50, max +0.029, above 2% on 2, mean -0.038; on all 200 users max -0.019, above 2% on none, mean -0.080: 10 better, 1 worse, Wilcoxon p = 0.003 |
 | today's learner with the gate's search started from the head's FIVE population-best whole prompts, not one (fd19b68; rows in ec52314 and 90268dc) | unchanged: 6 of 6 pass | family seed 20261207 unchanged (median H 0.89, min 0.46, null harm +0.014) but for a null rule beyond the budget (harm +0.232 -> +0.201); held-out (planted-heldout.md's 33 rules): learnable rules unchanged, 8 of 17 null rules moved, 3 better and 5 worse: in budget +0.016 -> -0.101, -0.036 -> -0.062, -0.069 -> -0.066, -0.084 -> -0.079, +0.029 -> +0.045 (max in budget +0.029 -> +0.045); beyond it +0.499 -> +0.484, +0.352 -> +0.383, +0.379 -> +0.413. Not kept |
 | thompson with the reward noise estimated but one prior sd per AGENT and block (72e27e9; its rows were planted-noise.md) | 2 groups seeds 0-2: 1.000 / 0.997 / 1.000; 4 groups seeds 0-2: 0.963 / 0.980 / 0.930: 5 of 6 pass | - |
 | thompson with one prior sd per AGENT (shared by its actions) and block, and an assumed reward noise sd 0.2 (672f3f1) | 2 groups seeds 0-2: 1.000 / 1.000 / 1.000; 4 groups seeds 0-2: 0.943 / 0.977 / 0.637 (served fixed, gate bound -0.007): 4 of 6 pass | family seed 20261207: median H 0.94, min H 0.32 (mean_rating g3 role+history joint, 0.593 of users optimal; genre g5 history+reasoning H 0.68), max null harm +0.014; ablations on rules 8, 10, 14, 16, 18: state row off H 0.75 / 0.93 / 0.99 / 0.86 / 1.08, GRU off 0.73 / 0.92 / 0.97 / 0.86 / 1.09 (full 0.74 / 0.94 / 0.97 / 0.87 / 1.07) |
@@ -256,6 +257,13 @@ def write(rows: list[dict], out: Path, header: str) -> None:
                   "was then compared on (biased toward the fixed prompt): " + "; ".join(
                       f"{name} rules {', '.join(map(str, sorted(indices)))}" for name, indices in earlier.items())
                   + ". The others search it on training users."]
+    fewer = sorted({m for r in rows for m in re.findall(r"gate_search_users=(\d+)", r.get("command", ""))})
+    if fewer:  # rows made before the gate searched every training user by default; their command reproduces them
+        lines += ["", f"Rows whose gate searched its fixed prompt on {' or '.join(fewer)} training users, not all "
+                  "(their command says so): " + "; ".join(
+                      f"{name} {len(picked)}" for name in LEARNERS
+                      if (picked := [r for r in rows if r["learner"] == name and "gate_search_users=" in
+                                     r.get("command", "")])) + " rows. The others search every training user."]
     bar = [r for r in rows if "index" not in r]
     if bar:
         lines += ["", "## Genre pass bar (>= 95% of users optimal and >= 95% of the oracle's NDCG)", "",

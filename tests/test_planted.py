@@ -214,7 +214,7 @@ def test_bandit_told_the_feature_only_exists_for_the_genre_rule():
 
 
 def test_the_gate_chooses_its_fixed_prompt_without_the_validation_users_labels(ranker, tmp_path, monkeypatch):
-    """rpp.agents.gate: the reference (the best fixed prompt) is searched on TRAINING users; the validation users
+    """rpp.agents.gate: the reference (the best fixed prompt) is searched on every TRAINING user; the validation users
     the decision is taken on are ranked for two prompts only, that reference and the policy. A reference chosen on
     the validation users themselves is optimistic by the selection, and the gate then withheld better policies."""
     from types import SimpleNamespace
@@ -244,7 +244,8 @@ def test_the_gate_chooses_its_fixed_prompt_without_the_validation_users_labels(r
     gate = safe_improvement_gate(cfg, tmp_path, SimpleNamespace(policy=TaskWise(), num_timesteps=0), ranker, encoder)
     searched = {user for user, seen in prompts.items() if len(seen) > 2}
     assert gate["search_split"] == "train" and gate["fixed_prompts_tried"] > 2
-    assert searched and searched <= train_users and not searched & val_users
+    assert searched == train_users and not searched & val_users  # every training user, never a validation user
+    assert gate["search_users"] == len(train_users) > 6
     assert val_users <= set(prompts) and all(len(prompts[user]) <= 2 for user in val_users)
     assert gate["n_users"] == gate["n_answered"] == 6
 

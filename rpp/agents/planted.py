@@ -58,7 +58,8 @@ def planted_check(cfg: Config, progress: bool = False, references: bool = True,
         "train_s": round(train_s, 1), "run_dir": str(run_dir)}
     if gate is not None:
         result["gate"] = {key: gate.get(key) for key in ("served", "reason", "n_users", "n_answered", "mean_diff",
-                                                         "lower_bound", "llm_calls", "search_split")}
+                                                         "lower_bound", "llm_calls", "search_split",
+                                                         "search_users")}
     if curve:
         result["curve"] = callbacks[0].points
     if references:
