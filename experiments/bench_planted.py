@@ -257,13 +257,13 @@ def write(rows: list[dict], out: Path, header: str) -> None:
                   "was then compared on (biased toward the fixed prompt): " + "; ".join(
                       f"{name} rules {', '.join(map(str, sorted(indices)))}" for name, indices in earlier.items())
                   + ". The others search it on training users."]
-    fewer = sorted({m for r in rows for m in re.findall(r"gate_search_users=(\d+)", r.get("command", ""))})
-    if fewer:  # rows made before the gate searched every training user by default; their command reproduces them
-        lines += ["", f"Rows whose gate searched its fixed prompt on {' or '.join(fewer)} training users, not all "
-                  "(their command says so): " + "; ".join(
-                      f"{name} {len(picked)}" for name in LEARNERS
-                      if (picked := [r for r in rows if r["learner"] == name and "gate_search_users=" in
-                                     r.get("command", "")])) + " rows. The others search every training user."]
+    marked = {name: sum("gate_search_users=" in r.get("command", "") for r in rows if r["learner"] == name)
+              for name in LEARNERS}
+    if any(marked.values()):  # rows made before the gate searched every training user; their command reproduces them
+        users = sorted({m for r in rows for m in re.findall(r"gate_search_users=(\d+)", r.get("command", ""))})
+        lines += ["", f"Rows whose gate searched its fixed prompt on {' or '.join(users)} training users, not all "
+                  "(their command says so): " + "; ".join(f"{name} {n}" for name, n in marked.items() if n)
+                  + " rows. The others search every training user."]
     bar = [r for r in rows if "index" not in r]
     if bar:
         lines += ["", "## Genre pass bar (>= 95% of users optimal and >= 95% of the oracle's NDCG)", "",
