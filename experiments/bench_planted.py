@@ -236,6 +236,33 @@ EARLIER = """## Earlier learners (frozen rows; their code and raw records are in
 """The record of the learners this one replaced, kept as numbers (they are not rerunnable from this script)."""
 
 
+def older_gate_notes(rows: list[dict]) -> list[str]:
+    """One paragraph per way a recorded row's gate differs from today's, naming the rows, so that none is read as
+    made by today's gate: the EARLIER gate (no search split recorded: its fixed prompt was searched on the
+    validation users, before a6e2147) and a search on fewer training users than all (their command sets
+    train.gate_search_users, which reproduces them)."""
+    earlier: dict[str, list[int]] = {}
+    fewer: dict[str, int] = {}
+    for r in rows:
+        if "index" in r and r.get("gate") and not r["gate"].get("search_split"):
+            earlier.setdefault(r["learner"], []).append(r["index"])
+        if "gate_search_users=" in r.get("command", ""):
+            fewer[r["learner"]] = fewer.get(r["learner"], 0) + 1
+    notes = []
+    if earlier:
+        notes.append("Rows gated by the EARLIER gate, whose fixed prompt was searched on the validation users it "
+                     "was then compared on (biased toward the fixed prompt): " + "; ".join(
+                         f"{name} rules {', '.join(map(str, sorted(indices)))}" for name, indices in earlier.items())
+                     + ". The others search it on training users.")
+    if fewer:
+        users = sorted({m for r in rows for m in re.findall(r"gate_search_users=(\d+)", r.get("command", ""))})
+        notes.append(f"Rows whose gate searched its fixed prompt on {' or '.join(users)} training users, not all "
+                     "(their command says so): " + "; ".join(f"{name} {fewer[name]}" for name in LEARNERS
+                                                             if name in fewer)
+                     + " rows. The others search every training user.")
+    return notes
+
+
 def write(rows: list[dict], out: Path, header: str) -> None:
     share_references(rows)
     summaries = [summarize(rows, name) for name in LEARNERS if any(r["learner"] == name for r in rows)]
@@ -248,22 +275,8 @@ def write(rows: list[dict], out: Path, header: str) -> None:
                      f"({s['null_rules_in_budget']}) | {_fmt(s['median_captured_headroom'])} | "
                      f"{_fmt(s['min_captured_headroom'])} | {_fmt(s['max_null_harm_in_budget'], '+.3f')} | "
                      f"{_fmt(s['max_null_harm'], '+.3f')} | {s['null_served_fixed']} | {s['passes']} |")
-    earlier: dict[str, list[int]] = {}  # family rows whose gate searched on the validation users (before a6e2147)
-    for r in rows:
-        if "index" in r and r.get("gate") and not r["gate"].get("search_split"):
-            earlier.setdefault(r["learner"], []).append(r["index"])
-    if earlier:
-        lines += ["", "Rows gated by the EARLIER gate, whose fixed prompt was searched on the validation users it "
-                  "was then compared on (biased toward the fixed prompt): " + "; ".join(
-                      f"{name} rules {', '.join(map(str, sorted(indices)))}" for name, indices in earlier.items())
-                  + ". The others search it on training users."]
-    marked = {name: sum("gate_search_users=" in r.get("command", "") for r in rows if r["learner"] == name)
-              for name in LEARNERS}
-    if any(marked.values()):  # rows made before the gate searched every training user; their command reproduces them
-        users = sorted({m for r in rows for m in re.findall(r"gate_search_users=(\d+)", r.get("command", ""))})
-        lines += ["", f"Rows whose gate searched its fixed prompt on {' or '.join(users)} training users, not all "
-                  "(their command says so): " + "; ".join(f"{name} {n}" for name, n in marked.items() if n)
-                  + " rows. The others search every training user."]
+    for note in older_gate_notes(rows):
+        lines += ["", note]
     bar = [r for r in rows if "index" not in r]
     if bar:
         lines += ["", "## Genre pass bar (>= 95% of users optimal and >= 95% of the oracle's NDCG)", "",

@@ -213,10 +213,13 @@ def test_bandit_told_the_feature_only_exists_for_the_genre_rule():
     assert told["bandit_told_feature"] is None and 0.0 <= told["bandit_told_group"] <= 1.0
 
 
-def test_the_gate_chooses_its_fixed_prompt_without_the_validation_users_labels(ranker, tmp_path, monkeypatch):
-    """rpp.agents.gate: the reference (the best fixed prompt) is searched on every TRAINING user; the validation users
-    the decision is taken on are ranked for two prompts only, that reference and the policy. A reference chosen on
-    the validation users themselves is optimistic by the selection, and the gate then withheld better policies."""
+@pytest.mark.parametrize("search_users", [None, 4])
+def test_the_gate_chooses_its_fixed_prompt_without_the_validation_users_labels(ranker, tmp_path, monkeypatch,
+                                                                             search_users):
+    """rpp.agents.gate: the reference (the best fixed prompt) is searched on TRAINING users, every one by default or
+    the first train.gate_search_users; the validation users the decision is taken on are ranked for two prompts only,
+    that reference and the policy. A reference chosen on the validation users themselves is optimistic by the
+    selection, and the gate then withheld better policies."""
     from types import SimpleNamespace
 
     from rpp.agents.gate import safe_improvement_gate
@@ -228,10 +231,11 @@ def test_the_gate_chooses_its_fixed_prompt_without_the_validation_users_labels(r
             n = len(next(iter(obs.values()))) if isinstance(obs, dict) else len(obs)
             return np.zeros((n, 4), dtype=np.int64), None
 
-    cfg = planted_cfg("train.gate_users=6", "eval.steps=1")
+    cfg = planted_cfg("train.gate_users=6", "eval.steps=1",
+                      *([f"train.gate_search_users={search_users}"] if search_users else []))
     encoder = StateEncoder(EncoderConfig())
     val_users = {s.user for s in make_core(cfg, "val", ranker=ranker, encoder=encoder).samples[:6]}
-    train_users = {s.user for s in make_core(cfg, "train", ranker=ranker, encoder=encoder).samples}
+    train_users = {s.user for s in make_core(cfg, "train", ranker=ranker, encoder=encoder).samples[:search_users]}
     prompts: dict = {}
     rank = ranker.rank
 
@@ -244,8 +248,8 @@ def test_the_gate_chooses_its_fixed_prompt_without_the_validation_users_labels(r
     gate = safe_improvement_gate(cfg, tmp_path, SimpleNamespace(policy=TaskWise(), num_timesteps=0), ranker, encoder)
     searched = {user for user, seen in prompts.items() if len(seen) > 2}
     assert gate["search_split"] == "train" and gate["fixed_prompts_tried"] > 2
-    assert searched == train_users and not searched & val_users  # every training user, never a validation user
-    assert gate["search_users"] == len(train_users) > 6
+    assert searched == train_users and not searched & val_users  # those training users, never a validation user
+    assert gate["search_users"] == len(train_users) == (search_users or cfg.data.n_train_users) > 3
     assert val_users <= set(prompts) and all(len(prompts[user]) <= 2 for user in val_users)
     assert gate["n_users"] == gate["n_answered"] == 6
 

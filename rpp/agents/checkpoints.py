@@ -40,7 +40,7 @@ KEEP_CHECKPOINTS = 3
 """Older checkpoints are deleted once a newer one is complete (the final one is always kept)."""
 
 RESUME_MAY_CHANGE = ("name", "train.total_steps", "train.checkpoint_every", "train.runs_dir", "train.check_users",
-                     "train.gate_users", "train.gate_alpha",
+                     "train.gate_users", "train.gate_alpha", "train.gate_search_users",
                      "train.device", "llm.cache", "llm.cache_path", "llm.threads", "llm.concurrency",
                      "llm.timeout_s", "llm.max_retries", "llm.base_url", "eval", "benchmark")
 """Config keys (or sections) a resumed run may change; anything else would make the continuation another run."""

@@ -236,7 +236,7 @@ def _record_resume_changes(run_dir: Path, cfg: Config) -> None:
     saved = yaml.safe_load(path.read_text()) or {}
     train = saved.setdefault("train", {})
     changed = False
-    for key in ("total_steps", "checkpoint_every", "gate_users", "gate_alpha"):
+    for key in ("total_steps", "checkpoint_every", "gate_users", "gate_alpha", "gate_search_users"):
         value = getattr(cfg.train, key)
         if train.get(key) != value:
             train[key] = value
